@@ -1,0 +1,329 @@
+"""Typed configuration: YAML in search_spaces/ plus `key=value` overrides, checked before anything runs.
+
+Composition, later wins: search_spaces/base.yaml < search_spaces/grids/<grid>.yaml < command line.
+The catalogs search_spaces/variants.yaml and datasets.yaml are loaded into the same tree
+(`variant_defs`, `dataset_defs`) so that they, too, can be overridden and are type-checked.
+Imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class ConfigError(ValueError):
+    """A bad grid name, key or value; the message names it and lists what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256  # token width D
+    d_state: int = 32  # SSM state size N per channel
+    d_conv: int = 4  # causal depthwise conv width in each Mamba mixer
+    expand: int = 2  # d_inner = expand * d_model
+    num_heads: int = 4  # attention heads
+    attention_impl: str = "sdpa"  # sdpa | naive (materialises L x L weights, as the study did)
+
+
+@dataclass
+class AugmentSettings:
+    shift: bool = True  # circular time shift within +-time_shift_s
+    time_shift_s: float = 0.5
+    gain: bool = True  # gain drawn from [gain_min, gain_max]
+    gain_min: float = 0.8
+    gain_max: float = 1.2
+    noise: bool = True  # additive Gaussian noise
+    noise_std: float = 0.005
+    mixup: bool = True
+    mixup_alpha: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 32  # effective batch (the protocol's 32)
+    micro_batch: Optional[int] = None  # per-step batch; batch_size / micro_batch accumulation steps
+    lr: float = 3e-4
+    min_lr: float = 1e-6  # cosine annealing floor
+    weight_decay: float = 0.05  # not on A_log, D, biases, norms
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    seed: int = 0
+    checkpoint_minutes: float = 15.0  # mid-epoch checkpoint interval
+    keep_checkpoints: int = 2  # newest kept, plus the best
+    max_nonfinite_steps: int = 25  # consecutive skipped steps before "diverged"
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    val_fraction: float = 0.0  # held-out share of the training side as validation
+    log_model: bool = False  # log the best weights to MLflow
+    # test hooks (fault injection): nan_at_step, oom_at_step, kill_at_step + kill_marker (a path:
+    # SIGKILL the worker once, when the marker does not exist yet), sleep_per_step (seconds)
+    inject: Dict[str, Any] = field(default_factory=dict)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+
+@dataclass
+class ResourceConfig:
+    num_workers: int = 1  # Ray Train workers (DDP) per trial
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class VariantDef:
+    pattern: str = MISSING  # layer pattern, M = BiMamba, A = attention, index 0 first
+    frontend: str = MISSING  # raw | mel
+
+
+@dataclass
+class DatasetDef:
+    clip_seconds: float = MISSING
+    num_classes: int = MISSING
+    folds: Optional[List[int]] = None  # None: one official split
+    synthetic: bool = False
+    pool_tokens: Optional[int] = None  # head pools the first K tokens; None = all
+    frontends: List[str] = field(default_factory=lambda: ["raw", "mel"])
+    options: Dict[str, Any] = field(default_factory=dict)  # task options for data.open_task
+    train: Dict[str, Any] = field(default_factory=dict)  # per-dataset train overrides
+    resources: Dict[str, Any] = field(default_factory=dict)  # per-dataset resource overrides
+
+
+@dataclass
+class SearchConfig:
+    """An Optuna search through Ray Tune (grid=tune); num_samples 0 means a plain grid."""
+
+    num_samples: int = 0
+    metric: str = "best_test_acc"
+    mode: str = "max"
+    seed: int = 0
+    max_concurrent: int = 2
+    asha: bool = True  # ASHA early stopping on `metric` per epoch
+    grace_period: int = 1
+    reduction_factor: int = 2
+    space: Dict[str, Any] = field(default_factory=dict)  # dotted train key -> {type, low, high | values}
+
+
+@dataclass
+class SweepConfig:
+    grid: str = "smoke"
+    experiment: Optional[str] = None  # None -> helix-<grid>
+    description: str = ""
+    variants: List[str] = field(default_factory=list)
+    datasets: List[str] = field(default_factory=list)
+    folds: Optional[List[int]] = None  # narrow folded datasets to these test folds
+    # placement / ratio grids generate their patterns instead of naming variants:
+    attention_positions: Optional[List[int]] = None  # one A at each of these indices
+    attention_counts: Optional[List[int]] = None  # k A layers spread evenly
+    frontends: List[str] = field(default_factory=lambda: ["raw", "mel"])  # for generated patterns
+    # documented exceptions, each a dict of trial fields that must all match, e.g. {dataset: x, variant: y}
+    exclude: List[Dict[str, Any]] = field(default_factory=list)
+    planned_oom: List[Dict[str, Any]] = field(default_factory=list)
+    workdir: str = "./helix_work"
+    data_root: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    ray_address: Optional[str] = None
+    dry_run: bool = False
+    resume: Optional[str] = None
+    max_concurrent_trials: Optional[int] = None
+    max_failures: int = 3
+    force_infeasible: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    variant_defs: Dict[str, VariantDef] = field(default_factory=dict)
+    dataset_defs: Dict[str, DatasetDef] = field(default_factory=dict)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"helix-{self.grid}"
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    @property
+    def data_root_path(self) -> Path:
+        return Path(self.data_root).expanduser().resolve() if self.data_root else self.workdir_path / "data"
+
+
+CHOICES = {
+    "model.attention_impl": ("sdpa", "naive"),
+    "train.precision": ("auto", "fp32", "fp16", "bf16"),
+    "resources.use_gpu": ("auto", "true", "false"),
+    "search.mode": ("max", "min"),
+}
+
+
+def available_grids() -> list[str]:
+    return sorted(p.stem for p in (SEARCH_SPACES / "grids").glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _valid_keys(dc: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, for error messages."""
+    out = []
+    for f in fields(dc):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            out += _valid_keys(default, prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    valid = [k for k in _valid_keys(SweepConfig) if k not in ("variant_defs", "dataset_defs")]
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in valid if k.startswith(parent) and "." not in k[len(parent):]] if parent else \
+        [k for k in valid if "." not in k]
+    hint = difflib.get_close_matches(key, valid, n=1)
+    text = f"{source}: bad config key or value {key!r}: {msg}."
+    if hint and hint[0] != key:
+        text += f" Did you mean {hint[0]!r}?"
+    text += f" Valid keys here: {', '.join(siblings or valid)}"
+    return ConfigError(text)
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+
+
+def parse_overrides(args: list[str]) -> DictConfig:
+    for arg in args:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"argument {arg!r}: expected key=value (e.g. grid=smoke, train.epochs=3)")
+    try:
+        return OmegaConf.from_dotlist(list(args))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command line: cannot parse overrides {args}: {exc}") from None
+
+
+def load_config(overrides: list[str] | None = None) -> SweepConfig:
+    """Compose base + grid + catalogs + overrides into a checked SweepConfig."""
+    cli = parse_overrides(overrides or [])
+    grid = cli.get("grid", "smoke")
+    grids = available_grids()
+    if grid not in grids:
+        raise ConfigError(f"unknown grid {grid!r}; available grids: {', '.join(grids)}")
+    cfg = OmegaConf.structured(SweepConfig)
+    cfg = _merge(cfg, {"variant_defs": _read_yaml(SEARCH_SPACES / "variants.yaml"),
+                       "dataset_defs": _read_yaml(SEARCH_SPACES / "datasets.yaml")}, "search_spaces catalogs")
+    cfg = _merge(cfg, _read_yaml(SEARCH_SPACES / "base.yaml"), "search_spaces/base.yaml")
+    cfg = _merge(cfg, _read_yaml(SEARCH_SPACES / "grids" / f"{grid}.yaml"), f"search_spaces/grids/{grid}.yaml")
+    cfg = _merge(cfg, cli, "command line")
+    try:
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "config") from None
+    sweep: SweepConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_config(sweep)
+    return sweep
+
+
+def check_config(cfg: SweepConfig) -> None:
+    """Value checks that types alone do not catch; each names the key and the valid values."""
+    values = {"model.attention_impl": cfg.model.attention_impl, "train.precision": cfg.train.precision,
+              "resources.use_gpu": str(cfg.resources.use_gpu).lower(), "search.mode": cfg.search.mode}
+    for key, value in values.items():
+        if value not in CHOICES[key]:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(CHOICES[key])}")
+    for name in cfg.variants:
+        if name not in cfg.variant_defs:
+            raise ConfigError(f"variants: unknown variant {name!r}; valid: {', '.join(cfg.variant_defs)}")
+    for name in cfg.datasets:
+        if name not in cfg.dataset_defs:
+            raise ConfigError(f"datasets: unknown dataset {name!r}; valid: {', '.join(cfg.dataset_defs)}")
+    for name, v in cfg.variant_defs.items():
+        if not v.pattern or set(v.pattern) - {"M", "A"}:
+            raise ConfigError(f"variant_defs.{name}.pattern={v.pattern!r}: use only M and A")
+        if v.frontend not in ("raw", "mel"):
+            raise ConfigError(f"variant_defs.{name}.frontend={v.frontend!r}: expected raw or mel")
+    for f in cfg.frontends:
+        if f not in ("raw", "mel"):
+            raise ConfigError(f"frontends: {f!r} is not a frontend; expected raw or mel")
+    if cfg.folds is not None:
+        folded = [d for d in cfg.datasets if cfg.dataset_defs[d].folds]
+        valid = sorted({k for d in folded for k in cfg.dataset_defs[d].folds or []})
+        bad = [k for k in cfg.folds if k not in valid]
+        if bad and folded:  # folds narrow folded datasets only; single-split ones ignore them
+            raise ConfigError(f"folds: {bad} not valid for datasets {folded}; valid folds: {valid}")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "resources.num_workers": cfg.resources.num_workers, "model.d_model": cfg.model.d_model}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    mb = cfg.train.micro_batch
+    if mb is not None and (mb < 1 or cfg.train.batch_size % mb):
+        raise ConfigError(f"train.micro_batch={mb}: must divide train.batch_size={cfg.train.batch_size}")
+    if not 0.0 <= cfg.train.val_fraction < 1.0:
+        raise ConfigError(f"train.val_fraction={cfg.train.val_fraction}: must be in [0, 1)")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON/YAML-able dict of a config dataclass."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def train_config_from(data: dict) -> TrainConfig:
+    """Rebuild a TrainConfig from its dict form (as carried in a trial spec), type-checked."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))  # type: ignore[return-value]
+
+
+@dataclass
+class TrialSpec:
+    """One trial of a sweep: everything its Ray Train workers need, as plain typed data."""
+
+    key: str = MISSING  # <dataset>/<variant>/fold<k>, or <dataset>/<variant>/split
+    experiment: str = MISSING
+    dataset: str = MISSING
+    variant: str = MISSING
+    pattern: str = MISSING
+    frontend: str = MISSING
+    fold: Optional[int] = None
+    clip_seconds: float = MISSING
+    num_classes: int = MISSING
+    tokens: int = MISSING  # tokens per clip for this frontend
+    pool_tokens: Optional[int] = None
+    synthetic: bool = False
+    status: str = "run"  # run | planned_oom
+    data_root: str = MISSING
+    task_options: Dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    @property
+    def fold_label(self) -> str:
+        return "split" if self.fold is None else str(self.fold)
+
+
+def trial_from_dict(data: dict) -> TrialSpec:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialSpec), data))  # type: ignore[return-value]

@@ -1,0 +1,54 @@
+"""`python -m helix_sweep.run [grid=NAME] [key=value ...]`: run (or resume) a sweep.
+
+Parsing and checks happen here, at the edge, before any Ray or MLflow process starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from helix_sweep.config import ConfigError, load_config, parse_overrides, to_yaml
+from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
+
+
+def trial_table(trials) -> str:
+    head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "workers", "status")
+    rows = [(t.key, t.variant, t.pattern, t.frontend, t.dataset, t.fold_label, str(t.tokens),
+             str(t.pool_tokens or "all"), f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
+             t.status) for t in trials]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def plan_trials(argv: list[str]):
+    """Config + trial list, fully checked; raises ConfigError."""
+    cfg = load_config(argv)
+    cli = parse_overrides(argv)
+    trials = name_experiment(cfg, expand_grid(cfg), narrowed=any(k in cli for k in NARROWING_KEYS))
+    return cfg, trials
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, trials = plan_trials(argv)
+    except ConfigError as exc:
+        print(f"helix_sweep: config error: {exc}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg))
+    print(trial_table(trials))
+    n_run = sum(t.status == "run" for t in trials)
+    print(f"\n{len(trials)} trials ({n_run} to run, {len(trials) - n_run} planned oom) "
+          f"in experiment {trials[0].experiment}")
+    if cfg.dry_run:
+        return 0
+    from helix_sweep.sweep.driver import run_sweep  # imports Ray and MLflow: only when running
+
+    return run_sweep(cfg, trials)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Config composition, overrides, errors before Ray/MLflow start, and dry-run trial counts."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helix_sweep.config import SEARCH_SPACES, ConfigError, load_config
+from helix_sweep.run import plan_trials
+from helix_sweep.sweep.grid import spread_pattern
+
+
+def run_cli(*args):
+    code = ("import sys; from helix_sweep.run import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules and 'mlflow' not in sys.modules, 'heavy import'; sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle,valid", [
+    (["grid=nope"], "unknown grid 'nope'", "smoke"),
+    (["train.epoch=3"], "train.epoch", "train.epochs"),
+    (["train.epochs=abc"], "train.epochs", "Integer"),
+    (["datasets=[esc51]"], "esc51", "urbansound8k"),
+    (["variants=[helix-rawr]"], "helix-rawr", "helix-raw"),
+    (["model.attention_impl=flash"], "model.attention_impl='flash'", "naive"),
+    (["grid=full", "folds=[11]"], "folds: [11]", "valid folds"),
+    (["train.micro_batch=5"], "train.micro_batch=5", "divide"),
+    (["nonsense"], "nonsense", "key=value"),
+])
+def test_config_errors_exit_nonzero_before_ray(args, needle, valid):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and valid in proc.stderr, proc.stderr
+
+
+def test_dry_run_prints_trial_table_and_exits():
+    proc = run_cli("dry_run=true", "datasets=[synth-commands]", "variants=[helix-raw,attention-mel]")
+    assert proc.returncode == 0, proc.stderr
+    assert "synth-commands/helix-raw/split" in proc.stdout and "synth-commands/attention-mel/split" in proc.stdout
+    assert "2 trials" in proc.stdout
+
+
+def _grid_file(name):
+    return yaml.safe_load((SEARCH_SPACES / "grids" / f"{name}.yaml").read_text())
+
+
+def _catalog():
+    return yaml.safe_load((SEARCH_SPACES / "datasets.yaml").read_text())
+
+
+def expected_count(grid: dict) -> int:
+    """variants x datasets x folds, minus frontends a dataset does not run and the exclude rules."""
+    cat = _catalog()
+    n_variants = len(grid.get("variants", [])) + len(grid.get("frontends", ["raw", "mel"])) * (
+        len(grid.get("attention_positions") or []) + len(grid.get("attention_counts") or []))
+    total = 0
+    for ds in grid["datasets"]:
+        folds = cat[ds].get("folds") or [None]
+        if grid.get("folds") and cat[ds].get("folds"):
+            folds = [k for k in folds if k in grid["folds"]]
+        frontends = cat[ds].get("frontends", ["raw", "mel"])
+        share = sum(1 for _ in frontends) / 2  # variants come in raw/mel pairs
+        total += int(n_variants * share) * len(folds)
+    return total - len(grid.get("exclude", []))
+
+
+@pytest.mark.parametrize("grid", ["smoke", "full"])
+def test_dry_run_counts_follow_the_grid_files(grid):
+    cfg, trials = plan_trials([f"grid={grid}"])
+    assert len(trials) == expected_count(_grid_file(grid))
+    assert len({t.key for t in trials}) == len(trials)
+    assert {t.experiment for t in trials} == {f"helix-{grid}"}
+
+
+def test_full_grid_exceptions():
+    _, trials = plan_trials(["grid=full"])
+    speaker = [t for t in trials if t.dataset in ("librispeech", "voxpopuli")]
+    assert speaker and all(t.frontend == "raw" for t in speaker)
+    oom = [t.key for t in trials if t.status == "planned_oom"]
+    assert oom == ["voxpopuli/attention-raw/split"]
+    assert next(t for t in trials if t.dataset == "voxpopuli").tokens == 30000
+    assert {t.fold for t in trials if t.dataset == "urbansound8k"} == set(range(1, 11))
+
+
+def test_narrowing_changes_the_experiment_name_and_is_stable():
+    _, a = plan_trials(["grid=full", "datasets=[esc50]", "variants=[helix-raw]", "folds=[1,2]"])
+    _, b = plan_trials(["grid=full", "datasets=[esc50]", "variants=[helix-raw]", "folds=[1,2]"])
+    assert [t.key for t in a] == ["esc50/helix-raw/fold1", "esc50/helix-raw/fold2"]
+    assert a[0].experiment == b[0].experiment != "helix-full"
+    assert a[0].experiment.startswith("helix-full-")
+
+
+def test_overrides_compose_and_dataset_train_overrides_apply():
+    cfg, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.lr=0.001"])
+    assert all(t.train.epochs == 24 and t.train.lr == 0.001 and t.pool_tokens == 100 for t in trials)
+    assert load_config(["train.augment.mixup=false"]).train.augment.mixup is False
+    with pytest.raises(ConfigError):
+        load_config(["train.augment.mixupp=false"])
+
+
+def test_spread_pattern_rule():
+    assert spread_pattern(6, 0) == "MMMMMM"
+    assert spread_pattern(6, 1) == "MMMAMM"  # the HELIX pattern
+    assert spread_pattern(6, 6) == "AAAAAA"
+    assert [spread_pattern(6, k).count("A") for k in range(7)] == list(range(7))
