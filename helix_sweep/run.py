@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from helix_sweep.sweep.driver import run_sweep  # imports Ray and MLflow: only when running
 
-    return run_sweep(cfg, trials)
+    try:
+        return run_sweep(cfg, trials)
+    except ConfigError as exc:  # found only once the experiment or data is looked at: still before Ray
+        print(f"helix_sweep: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""The sweep driver: checks, tracking server, Ray, one Tune trial per TrialSpec, results table.
+
+Each Tune trial is a thin function that builds and fits a Ray Train TorchTrainer (the supported
+Train-inside-Tune pattern of Train V2). Its RunConfig has a name from the trial key and a fixed
+storage path, so a relaunched trial (restored driver, retried error) resumes that Train run from its
+latest checkpoint. The Tune experiment lives in <workdir>/experiments/<experiment>; re-running the
+same command, or `resume=<name or path>`, restores it: finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import statistics
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from helix_sweep.config import ConfigError, SweepConfig, TrialSpec, to_dict, to_yaml, trial_from_dict
+from helix_sweep.sweep import tracking
+
+log = logging.getLogger(__name__)
+
+
+def experiment_dir(cfg: SweepConfig, name: str) -> Path:
+    if cfg.resume and ("/" in cfg.resume or Path(cfg.resume).exists()):
+        return Path(cfg.resume).expanduser().resolve()
+    return cfg.workdir_path / "experiments" / (cfg.resume or name)
+
+
+def check_data(trials: list[TrialSpec]) -> None:
+    """Every dataset a trial reads is prepared (synthetic ones are generated here, once)."""
+    from helix_sweep.data import DatasetNotPrepared, open_task
+
+    seen = set()
+    for t in trials:
+        if (t.dataset, t.fold) in seen or t.status != "run":
+            continue
+        seen.add((t.dataset, t.fold))
+        try:
+            open_task(t.data_root, t.dataset, fold=t.fold, seed=t.train.seed, val_fraction=t.train.val_fraction,
+                      **t.task_options)
+        except DatasetNotPrepared as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
+    """An experiment continues only with the settings it was started with."""
+    saved = exp_dir / "helix_config.yaml"
+    if not saved.exists():
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(cfg_yaml)
+        return
+    import difflib
+
+    ignore = ("resume:", "dry_run:", "ray_address:", "tracking_uri:", "max_concurrent_trials:")
+    old = [ln for ln in saved.read_text().splitlines() if not ln.strip().startswith(ignore)]
+    new = [ln for ln in cfg_yaml.splitlines() if not ln.strip().startswith(ignore)]
+    if old != new:
+        diff = "\n".join(list(difflib.unified_diff(old, new, "experiment", "command line", lineterm="", n=0))[:40])
+        raise ConfigError(f"experiment {exp_dir} was started with other settings; continue it with the same "
+                          f"command, or pick a new experiment=NAME. Differences:\n{diff}")
+
+
+def train_trial(config: dict) -> None:
+    """The Tune trainable: fit one TorchTrainer for this trial (resuming its Train run if any)."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from helix_sweep.sweep.worker import train_worker
+
+    spec = trial_from_dict(config["trial"])
+    r = spec.resources
+    use_gpu = {"auto": bool(ray.cluster_resources().get("GPU", 0)), "true": True, "false": False}[
+        str(r.use_gpu).lower()]
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"trial": config["trial"], "tracking": config["tracking"],
+                           "threads": max(1, int(r.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
+        torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
+        run_config=RunConfig(
+            name=spec.key.replace("/", "__"), storage_path=config["storage_path"],
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config["max_failures"]),
+        ),
+    )
+    trainer.fit()
+
+
+def trial_name(trial) -> str:
+    """Tune's table and directories show the trial key (slashes are path separators there)."""
+    return trial.config["trial"]["key"].replace("/", "__")
+
+
+def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
+    """As many trials as the cluster's GPUs (or CPUs when it has none) can hold at once."""
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    res = ray.cluster_resources()
+    r = trials[0].resources
+    if res.get("GPU", 0) and str(r.use_gpu).lower() != "false":
+        return max(1, int(res["GPU"] // (r.num_workers * r.gpus_per_worker)))
+    return max(1, int(res.get("CPU", 1) // (r.num_workers * r.cpus_per_worker)))
+
+
+def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> None:
+    """Trials the plan marks infeasible get a run with status planned_oom and no GPU time."""
+    for t in trials:
+        if t.status != "planned_oom":
+            continue
+        found = client.search_runs([experiment_id], filter_string=f"tags.trial_key = '{t.key}'", max_results=1)
+        if found:
+            continue
+        parent = tracking.get_or_create_parent_run(client, experiment_id, t.dataset, t.variant)
+        run = client.create_run(experiment_id, run_name=t.key, tags={
+            "mlflow.parentRunId": parent, "kind": "trial", "trial_key": t.key, "dataset": t.dataset,
+            "variant": t.variant, "fold": t.fold_label, "status": "planned_oom", "resumes": "0"})
+        for k, v in {"variant": t.variant, "pattern": t.pattern, "frontend": t.frontend, "dataset": t.dataset,
+                     "fold": t.fold_label, "tokens_per_clip": t.tokens,
+                     "attention_impl": t.model.attention_impl}.items():
+            client.log_param(run.info.run_id, k, str(v))
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
+    name = trials[0].experiment
+    exp_dir = experiment_dir(cfg, name)
+    check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
+    check_data(trials)
+    uri = cfg.tracking_uri or tracking.ensure_tracking_server(cfg.workdir_path)
+    try:
+        tracking.check_tracking_reachable(uri)
+    except tracking.TrackingUnavailable as exc:
+        print(f"helix_sweep: {exc}")
+        return 3
+    print(f"MLflow tracking at {uri} (open it in a browser; experiment {name})")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(name)
+    record_planned_oom(client, experiment_id, trials)
+    runnable = [t for t in trials if t.status == "run"]
+    if not runnable:
+        print("nothing to run: every trial is planned oom")
+        return 0
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    param_space = {
+        "trial": tune.grid_search([to_dict(t) for t in runnable]),
+        "tracking": {"uri": uri},
+        "storage_path": str(exp_dir / "trials"),
+        "max_failures": cfg.max_failures,
+    }
+    # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
+    trainable = tune.with_resources(train_trial, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
+    run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+                                failure_config=tune.FailureConfig(max_failures=1))
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log.info("restoring experiment %s", exp_dir)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, runnable),
+                                                       trial_name_creator=trial_name,
+                                                       trial_dirname_creator=trial_name))
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    table = results_table(client, experiment_id, trials)
+    write_results(exp_dir, table)
+    print(format_table(table))
+    print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
+    return 1 if errors else 0
+
+
+def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[dict]:
+    """Best test accuracy per (dataset, variant): mean +- std over folds, from the trials' runs."""
+    runs = {r.data.tags.get("trial_key"): r for r in tracking.trial_runs(client, experiment_id)}
+    cells: dict[tuple[str, str], list] = {}
+    for t in trials:
+        cells.setdefault((t.dataset, t.variant), []).append(runs.get(t.key))
+    rows = []
+    for (dataset, variant), rs in cells.items():
+        done = [r for r in rs if r is not None and r.data.tags.get("status") == "finished"]
+        accs = [r.data.metrics.get("best_test_acc", 0.0) * 100 for r in done]
+        statuses = sorted({(r.data.tags.get("status") if r else "pending") for r in rs})
+        rows.append({"dataset": dataset, "variant": variant, "trials": len(rs), "finished": len(done),
+                     "best_test_acc_mean": statistics.mean(accs) if accs else None,
+                     "best_test_acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
+                     "status": "/".join(statuses)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| dataset | variant | best test acc (%) | trials | status |", "|---|---|---|---|---|"]
+    for r in rows:
+        m, s = r["best_test_acc_mean"], r["best_test_acc_std"]
+        acc = "—" if m is None else f"{m:.2f}" + (f" ± {s:.2f}" if s is not None else "")
+        lines.append(f"| {r['dataset']} | {r['variant']} | {acc} | {r['finished']}/{r['trials']} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def write_results(exp_dir: Path, rows: list[dict]) -> None:
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    with open(exp_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (exp_dir / "results.md").write_text(format_table(rows) + "\n")
