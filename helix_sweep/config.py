@@ -32,6 +32,7 @@ class ModelConfig:
     expand: int = 2  # d_inner = expand * d_model
     num_heads: int = 4  # attention heads
     attention_impl: str = "sdpa"  # sdpa | naive (materialises L x L weights, as the study did)
+    pos_encoding: str = "sinusoidal"  # sinusoidal | none (the spec names none; see README)
 
 
 @dataclass
@@ -142,6 +143,8 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     variant_defs: Dict[str, VariantDef] = field(default_factory=dict)
     dataset_defs: Dict[str, DatasetDef] = field(default_factory=dict)
+    # train keys the grid file or the command line set: they win over a dataset's own train overrides
+    train_explicit: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def experiment_name(self) -> str:
@@ -158,6 +161,7 @@ class SweepConfig:
 
 CHOICES = {
     "model.attention_impl": ("sdpa", "naive"),
+    "model.pos_encoding": ("sinusoidal", "none"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "resources.use_gpu": ("auto", "true", "false"),
     "search.mode": ("max", "min"),
@@ -233,8 +237,11 @@ def load_config(overrides: list[str] | None = None) -> SweepConfig:
     cfg = _merge(cfg, {"variant_defs": _read_yaml(SEARCH_SPACES / "variants.yaml"),
                        "dataset_defs": _read_yaml(SEARCH_SPACES / "datasets.yaml")}, "search_spaces catalogs")
     cfg = _merge(cfg, _read_yaml(SEARCH_SPACES / "base.yaml"), "search_spaces/base.yaml")
-    cfg = _merge(cfg, _read_yaml(SEARCH_SPACES / "grids" / f"{grid}.yaml"), f"search_spaces/grids/{grid}.yaml")
+    grid_yaml = _read_yaml(SEARCH_SPACES / "grids" / f"{grid}.yaml")
+    cfg = _merge(cfg, grid_yaml, f"search_spaces/grids/{grid}.yaml")
     cfg = _merge(cfg, cli, "command line")
+    explicit = OmegaConf.merge(grid_yaml.get("train") or {}, OmegaConf.to_container(cli).get("train") or {})
+    cfg.train_explicit = OmegaConf.to_container(explicit)
     try:
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -246,7 +253,8 @@ def load_config(overrides: list[str] | None = None) -> SweepConfig:
 
 def check_config(cfg: SweepConfig) -> None:
     """Value checks that types alone do not catch; each names the key and the valid values."""
-    values = {"model.attention_impl": cfg.model.attention_impl, "train.precision": cfg.train.precision,
+    values = {"model.attention_impl": cfg.model.attention_impl, "model.pos_encoding": cfg.model.pos_encoding,
+              "train.precision": cfg.train.precision,
               "resources.use_gpu": str(cfg.resources.use_gpu).lower(), "search.mode": cfg.search.mode}
     for key, value in values.items():
         if value not in CHOICES[key]:

@@ -94,6 +94,8 @@ def test_narrowing_changes_the_experiment_name_and_is_stable():
 def test_overrides_compose_and_dataset_train_overrides_apply():
     cfg, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.lr=0.001"])
     assert all(t.train.epochs == 24 and t.train.lr == 0.001 and t.pool_tokens == 100 for t in trials)
+    _, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.epochs=3"])
+    assert all(t.train.epochs == 3 for t in trials)  # the command line wins over the dataset's 24
     assert load_config(["train.augment.mixup=false"]).train.augment.mixup is False
     with pytest.raises(ConfigError):
         load_config(["train.augment.mixupp=false"])

@@ -114,3 +114,15 @@ def test_bad_pattern_and_frontend_are_named():
         build_classifier("MXM", "raw", 2)
     with pytest.raises(ValueError, match="spectro"):
         build_classifier("MMM", "spectro", 2)
+
+
+def test_positional_encoding_makes_attention_order_aware():
+    """Without positions, pure attention + mean pooling cannot tell a sequence from its reverse."""
+    x = torch.randn(1, 10, 32)
+    for enc, order_aware in (("none", False), ("sinusoidal", True)):
+        model = build_classifier("AA", "raw", 3, d_model=32, pos_encoding=enc).eval()
+        # feed tokens directly: the frontend is the same for both orders
+        model.frontend = torch.nn.Identity()
+        with torch.no_grad():
+            same = torch.allclose(model(x), model(x.flip(1)), atol=1e-5)
+        assert same != order_aware

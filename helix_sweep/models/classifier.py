@@ -5,6 +5,8 @@ Legend: B batch, T samples, L tokens, D d_model, C classes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -16,7 +18,8 @@ from helix_sweep.models.matching import count_params, matched_d_ffn
 class HelixClassifier(nn.Module):
     def __init__(self, pattern: str, frontend: str, num_classes: int, *, d_model: int = 256,
                  pool_tokens: int | None = None, d_state: int = 32, d_conv: int = 4, expand: int = 2,
-                 num_heads: int = 4, attention_impl: str = "sdpa", frontend_options: dict | None = None):
+                 num_heads: int = 4, attention_impl: str = "sdpa", pos_encoding: str = "sinusoidal",
+                 frontend_options: dict | None = None):
         super().__init__()
         bad = set(pattern) - {"M", "A"}
         if not pattern or bad:
@@ -25,7 +28,10 @@ class HelixClassifier(nn.Module):
             raise ValueError(f"frontend {frontend!r}: expected one of {sorted(FRONTENDS)}")
         if pool_tokens is not None and pool_tokens < 1:
             raise ValueError(f"pool_tokens={pool_tokens}: must be a positive token count or None (all)")
+        if pos_encoding not in ("sinusoidal", "none"):
+            raise ValueError(f"pos_encoding={pos_encoding!r}: expected 'sinusoidal' or 'none'")
         self.pattern, self.frontend_name, self.pool_tokens = pattern, frontend, pool_tokens
+        self.pos_encoding = pos_encoding
         self.d_ffn = matched_d_ffn(d_model, d_state, d_conv, expand)
         self.frontend = FRONTENDS[frontend](d_model, **(frontend_options or {}))
         self.layers = nn.ModuleList(
@@ -41,6 +47,8 @@ class HelixClassifier(nn.Module):
 
     def backbone(self, wav: torch.Tensor) -> torch.Tensor:
         x = self.frontend(wav)  # (B, L, D)
+        if self.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)  # (B, L, D)
         for layer in self.layers:
             x = layer(x)  # (B, L, D)
         return x
@@ -63,10 +71,25 @@ class HelixClassifier(nn.Module):
         }
 
 
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed sine/cosine positions (L, D). Parameter-free, so the matching is untouched.
+
+    The spec names no positional encoding; without one, pure attention with mean pooling is
+    blind to token order (it cannot tell "up-down" from "down-up"). All variants get the same
+    encoding so they stay comparable; model.pos_encoding=none gives the literal spec.
+    """
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (L, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return pe.to(dtype)  # (L, D)
+
+
 def build_classifier(pattern: str, frontend: str, num_classes: int, *, d_model: int = 256,
                      pool_tokens: int | None = None, **overrides) -> HelixClassifier:
     """Any layer pattern ('MMMMMM', 'MMMAMM', 'AAAAAA', 'AMMMMM', ...) with a 'raw' or 'mel' frontend.
 
-    overrides: d_state, d_conv, expand, num_heads, attention_impl, frontend_options.
+    overrides: d_state, d_conv, expand, num_heads, attention_impl, pos_encoding, frontend_options.
     """
     return HelixClassifier(pattern, frontend, num_classes, d_model=d_model, pool_tokens=pool_tokens, **overrides)

@@ -78,7 +78,9 @@ def expand_grid(cfg: SweepConfig) -> list[TrialSpec]:
     for ds_name in cfg.datasets:
         ds: DatasetDef = cfg.dataset_defs[ds_name]
         folds = [k for k in ds.folds if cfg.folds is None or k in cfg.folds] if ds.folds else [None]
-        train: TrainConfig = _merged(cfg.train, ds.train, TrainConfig, f"dataset_defs.{ds_name}.train")
+        # base < dataset's own overrides < what the grid file or the command line set explicitly
+        train: TrainConfig = _merged(cfg.train, OmegaConf.merge(ds.train, cfg.train_explicit), TrainConfig,
+                                     f"dataset_defs.{ds_name}.train")
         resources: ResourceConfig = _merged(cfg.resources, ds.resources, ResourceConfig,
                                             f"dataset_defs.{ds_name}.resources")
         samples = int(round(ds.clip_seconds * SAMPLE_RATE))

@@ -138,7 +138,8 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     m = spec.model
     model = build_classifier(spec.pattern, spec.frontend, num_classes, d_model=m.d_model,
                              pool_tokens=spec.pool_tokens, d_state=m.d_state, d_conv=m.d_conv,
-                             expand=m.expand, num_heads=m.num_heads, attention_impl=m.attention_impl).to(device)
+                             expand=m.expand, num_heads=m.num_heads, attention_impl=m.attention_impl,
+                             pos_encoding=m.pos_encoding).to(device)
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -269,7 +270,8 @@ def _check_architecture(state: dict, spec: TrialSpec) -> None:
 def _arch(spec: TrialSpec) -> dict:
     m = spec.model
     return {"pattern": spec.pattern, "frontend": spec.frontend, "d_model": m.d_model, "d_state": m.d_state,
-            "d_conv": m.d_conv, "expand": m.expand, "num_heads": m.num_heads, "pool_tokens": spec.pool_tokens}
+            "d_conv": m.d_conv, "expand": m.expand, "num_heads": m.num_heads, "pool_tokens": spec.pool_tokens,
+            "pos_encoding": m.pos_encoding}
 
 
 def _snapshot(spec: TrialSpec, setup: Setup, gen: torch.Generator, progress: Progress, world: int) -> dict:
