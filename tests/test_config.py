@@ -65,7 +65,7 @@ def expected_count(grid: dict) -> int:
     return total - len(grid.get("exclude", []))
 
 
-@pytest.mark.parametrize("grid", ["smoke", "full"])
+@pytest.mark.parametrize("grid", ["smoke", "full", "placement", "ratio"])
 def test_dry_run_counts_follow_the_grid_files(grid):
     cfg, trials = plan_trials([f"grid={grid}"])
     assert len(trials) == expected_count(_grid_file(grid))
@@ -106,3 +106,16 @@ def test_spread_pattern_rule():
     assert spread_pattern(6, 1) == "MMMAMM"  # the HELIX pattern
     assert spread_pattern(6, 6) == "AAAAAA"
     assert [spread_pattern(6, k).count("A") for k in range(7)] == list(range(7))
+
+
+@pytest.mark.parametrize("grid", ["placement", "ratio"])
+def test_generated_patterns_are_parameter_matched(grid):
+    from helix_sweep.models import build_classifier, count_params
+
+    _, trials = plan_trials([f"grid={grid}", "datasets=[esc50]", "frontends=[raw]", "folds=[1]"])
+    patterns = sorted({t.pattern for t in trials})
+    assert len(patterns) == (6 if grid == "placement" else 7)
+    if grid == "placement":
+        assert patterns == sorted("".join("A" if i == p else "M" for i in range(6)) for p in range(6))
+    counts = [count_params(build_classifier(p, "raw", 50)) for p in patterns]
+    assert (max(counts) - min(counts)) / min(counts) <= 0.005

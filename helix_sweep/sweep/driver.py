@@ -128,6 +128,7 @@ def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> N
                      "attention_impl": t.model.attention_impl}.items():
             client.log_param(run.info.run_id, k, str(v))
         client.set_terminated(run.info.run_id, "KILLED")
+        tracking.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
 
 
 def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
@@ -141,12 +142,16 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
     except tracking.TrackingUnavailable as exc:
         print(f"helix_sweep: {exc}")
         return 3
-    print(f"MLflow tracking at {uri} (open it in a browser; experiment {name})")
+    print(f"MLflow tracking at {uri} (runs table: {uri}/#/experiments/<id>/runs?workflowType=machine_learning)")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(name)
+    experiment_id = tracking.get_or_create_experiment(client, name)
+    folds: dict[tuple[str, str], list[str]] = {}
+    for t in trials:  # every parent up front, so unstarted folds show as pending
+        folds.setdefault((t.dataset, t.variant), []).append(t.fold_label)
+    for (dataset, variant), planned in folds.items():
+        tracking.get_or_create_parent_run(client, experiment_id, dataset, variant, folds=planned)
     record_planned_oom(client, experiment_id, trials)
     runnable = [t for t in trials if t.status == "run"]
     if not runnable:

@@ -114,8 +114,7 @@ class TrialRun:
 
     def open(self, run_id: str, tags: dict, params: dict, resumed: bool) -> str:
         """Reopen the trial's run (by id, else by tag) or create it; runs once per worker start."""
-        exp = self.client.get_experiment_by_name(self.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        self.experiment_id = tracking.get_or_create_experiment(self.client, self.experiment)
         run = None
         if run_id:
             run = self.client.get_run(run_id)
