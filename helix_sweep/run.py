@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     n_run = sum(t.status == "run" for t in trials)
     print(f"\n{len(trials)} trials ({n_run} to run, {len(trials) - n_run} planned oom) "
           f"in experiment {trials[0].experiment}")
+    if cfg.search.num_samples:
+        print(f"search: {cfg.search.num_samples} Optuna (TPE, seed {cfg.search.seed}) samples of "
+              f"{', '.join(cfg.search.space)} maximising {cfg.search.metric}" if cfg.search.mode == "max" else
+              f"search: {cfg.search.num_samples} samples minimising {cfg.search.metric}")
     if cfg.dry_run:
         return 0
     from helix_sweep.sweep.driver import run_sweep  # imports Ray and MLflow: only when running

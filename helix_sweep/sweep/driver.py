@@ -19,7 +19,9 @@ import ray
 from ray import tune
 
 from helix_sweep.config import ConfigError, SweepConfig, TrialSpec, to_dict, to_yaml, trial_from_dict
+from helix_sweep.plan import order_longest_first
 from helix_sweep.sweep import tracking
+from helix_sweep.sweep.search import search_space, searcher_and_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,17 @@ def train_trial(config: dict) -> None:
 
     from helix_sweep.sweep.worker import train_worker
 
-    spec = trial_from_dict(config["trial"])
+    from helix_sweep.sweep.search import apply_sample
+
+    trial = apply_sample(config["trial"], config)  # a search sample's train.* values, if any
+    spec = trial_from_dict(trial)
     r = spec.resources
     use_gpu = {"auto": bool(ray.cluster_resources().get("GPU", 0)), "true": True, "false": False}[
         str(r.use_gpu).lower()]
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial": config["trial"], "tracking": config["tracking"],
+        train_loop_config={"trial": trial, "tracking": config["tracking"],
                            "threads": max(1, int(r.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
@@ -97,7 +102,9 @@ def train_trial(config: dict) -> None:
 
 def trial_name(trial) -> str:
     """Tune's table and directories show the trial key (slashes are path separators there)."""
-    return trial.config["trial"]["key"].replace("/", "__")
+    from helix_sweep.sweep.search import apply_sample
+
+    return apply_sample(trial.config["trial"], trial.config)["key"].replace("/", "__")
 
 
 def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
@@ -161,12 +168,24 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
     param_space = {
-        "trial": tune.grid_search([to_dict(t) for t in runnable]),
         "tracking": {"uri": uri},
         "storage_path": str(exp_dir / "trials"),
         "max_failures": cfg.max_failures,
     }
+    tune_config = dict(max_concurrent_trials=max_concurrent(cfg, runnable), trial_name_creator=trial_name,
+                       trial_dirname_creator=trial_name)
+    if cfg.search.num_samples > 0:
+        if len(runnable) != 1:
+            raise ConfigError(f"a search (search.num_samples={cfg.search.num_samples}) runs over one base trial; "
+                              f"the grid gives {len(runnable)}: narrow it with datasets=[..] variants=[..] folds=[..]")
+        searcher, scheduler = searcher_and_scheduler(cfg.search, runnable[0].train.epochs)
+        param_space.update({"trial": to_dict(runnable[0]), **search_space(cfg.search)})
+        tune_config.update(search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_samples)
+        tune_config.pop("max_concurrent_trials")  # the ConcurrencyLimiter caps a search
+    else:
+        param_space["trial"] = tune.grid_search([to_dict(t) for t in runnable])
     # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
     trainable = tune.with_resources(train_trial, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
@@ -177,16 +196,29 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
                                    param_space=param_space)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
-                           tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg, runnable),
-                                                       trial_name_creator=trial_name,
-                                                       trial_dirname_creator=trial_name))
+                           tune_config=tune.TuneConfig(**tune_config))
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
+    close_stopped_runs(client, experiment_id, grid)
     table = results_table(client, experiment_id, trials)
     write_results(exp_dir, table)
     print(format_table(table))
     print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
     return 1 if errors else 0
+
+
+def close_stopped_runs(client, experiment_id: str, grid) -> None:
+    """Trials the scheduler (ASHA) stopped early: their MLflow runs end with status stopped."""
+    from helix_sweep.sweep.search import apply_sample
+
+    for result in grid:
+        if result.error is not None or (result.metrics or {}).get("trial_status") != "running":
+            continue
+        key = apply_sample(result.config["trial"], result.config)["key"]
+        for run in client.search_runs([experiment_id], filter_string=f"tags.trial_key = '{key}'"):
+            if run.data.tags.get("status") == "running":
+                client.set_tag(run.info.run_id, "status", "stopped")
+                client.set_terminated(run.info.run_id, "KILLED")
 
 
 def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[dict]:

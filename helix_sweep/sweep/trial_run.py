@@ -139,6 +139,15 @@ class TrialRun:
                                                  RunTag("hardware", hardware())])
         return self.run_id
 
+    def is_closed(self, run_id: str, status: str) -> bool:
+        """The run already ended with this status (so a relaunch must not touch it)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return False
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        return run.data.tags.get("status") == status and run.info.status != "RUNNING"
+
     def logged_epochs(self) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
 

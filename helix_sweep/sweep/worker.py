@@ -34,6 +34,7 @@ class RayMlflowReporter:
         self.resumed = False
         self.best_model: Optional[dict] = None
         self.label_names: list[str] = []
+        self.closed = False
 
     def load(self) -> Optional[dict]:
         ckpt = ray.train.get_checkpoint()
@@ -62,6 +63,11 @@ class RayMlflowReporter:
             "n_test": info["task"].get("n_test"), "num_classes": len(info["label_names"]),
             **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
         }
+        if progress.status != "running" and progress.run_id and self.run.is_closed(progress.run_id, progress.status):
+            # relaunched after its final checkpoint (e.g. a driver killed seconds after the end):
+            # nothing to train and nothing to log
+            self.closed = True
+            return progress.run_id
         tags = {"trial_key": s.key, "dataset": s.dataset, "variant": s.variant, "fold": s.fold_label}
         run_id = self.run.open(progress.run_id, tags, params, resumed=self.resumed)
         # deliver epochs a kill cut off between checkpoint commit and logging
@@ -97,7 +103,7 @@ class RayMlflowReporter:
             self.run.buffer.flush()
 
     def finish(self, progress: Progress, info: dict) -> None:
-        if self.rank != 0 or self.run is None:
+        if self.rank != 0 or self.run is None or self.closed:
             return
         if self.best_model is not None:
             self.run.log_model(self.best_model)

@@ -174,8 +174,20 @@ def _world(setup: Setup) -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _fault(spec: TrialSpec, what: str) -> Optional[int]:
+    """Test hook: the step of injected fault `what`, if any. inject.trial limits the faults to trial
+    keys containing it; inject.per_trial maps key substrings to their own fault dicts."""
+    inject = spec.train.inject
+    for part, faults in (inject.get("per_trial") or {}).items():
+        if part in spec.key and what in faults:
+            return faults[what]
+    if inject.get("trial") and inject["trial"] not in spec.key:
+        return None
+    return inject.get(what)
+
+
 def _inject(spec: TrialSpec, step: int, what: str) -> bool:
-    return spec.train.inject.get(what) == step
+    return _fault(spec, what) == step
 
 
 def train_step(setup: Setup, spec: TrialSpec, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
@@ -198,7 +210,8 @@ def train_step(setup: Setup, spec: TrialSpec, x: torch.Tensor, y: torch.Tensor, 
         with _autocast(device, setup.amp_dtype):
             logits = model(xs)  # (b, C)
         loss = torch.sum(-ts * F.log_softmax(logits.float(), dim=-1), dim=-1).sum() / n  # mean over the full batch
-        if _inject(spec, global_step, "nan_at_step") or spec.train.inject.get("nan_from_step", 1 << 60) <= global_step:
+        nan_from = _fault(spec, "nan_from_step")
+        if _inject(spec, global_step, "nan_at_step") or (nan_from is not None and global_step >= nan_from):
             loss = loss * float("nan")
         if not torch.isfinite(loss):
             opt.zero_grad(set_to_none=True)
@@ -303,9 +316,9 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
             i = progress.step_in_epoch
             x, y = task.train.get_batch(order[i * per_rank_batch:(i + 1) * per_rank_batch].tolist())
             if _inject(spec, progress.global_step, "kill_at_step"):
-                _kill_once(t.inject.get("kill_marker", ""))
-            if t.inject.get("sleep_per_step"):
-                time.sleep(float(t.inject["sleep_per_step"]))
+                _kill_once(_fault(spec, "kill_marker") or "")
+            if _fault(spec, "sleep_per_step"):
+                time.sleep(float(_fault(spec, "sleep_per_step")))
             loss_sum, correct = train_step(setup, spec, x, y, gen, task.num_classes, aug, progress.global_step)
             progress.step_in_epoch += 1
             progress.global_step += 1

@@ -1,0 +1,31 @@
+"""grid=tune: an Optuna search through Ray Tune that survives a killed driver (real Ray, real MLflow)."""
+
+from helix_sweep.sweep.tracking import stop_tracking_server
+from sweep_process import kill_group, run, start, trial_runs, wait_for
+
+ARGS = ["grid=tune", "train.epochs=1", "search.num_samples=8", "search.max_concurrent=2"]
+SEARCHED = ("train.lr", "train.weight_decay", "train.augment.mixup_alpha", "train.augment.noise",
+            "train.augment.gain")
+
+
+def test_tune_search_resumes_after_driver_kill(tmp_path):
+    try:
+        driver = start(tmp_path, *ARGS)
+        finished = lambda: [r for r in trial_runs(tmp_path) if r.data.tags.get("status") == "finished"]
+        wait_for(lambda: len(finished()) >= 4, 600, "4 finished search trials")
+        kill_group(driver)
+        before = {r.data.tags["trial_key"]: r.info.run_id for r in finished()}
+        proc = run(tmp_path, *ARGS)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs = trial_runs(tmp_path)
+        keys = [r.data.tags["trial_key"] for r in runs]
+        assert len(keys) == len(set(keys)) == 8, keys  # 8 samples in all, one MLflow run each
+        configs = {tuple(r.data.params[k] for k in SEARCHED) for r in runs}
+        assert len(configs) == 8  # no configuration suggested twice
+        for key, run_id in before.items():  # finished samples were not rerun
+            assert {r.info.run_id for r in runs if r.data.tags["trial_key"] == key} == {run_id}
+        # the restored driver continued the saved Optuna study instead of starting a new one
+        assert list((tmp_path / "experiments" / "helix-tune").glob("searcher-state-*.pkl"))
+        assert all(r.data.tags["status"] in ("finished", "stopped") for r in runs)
+    finally:
+        stop_tracking_server(tmp_path)
