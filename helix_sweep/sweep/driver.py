@@ -85,13 +85,15 @@ def train_trial(config: dict) -> None:
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial": trial, "tracking": config["tracking"],
+        train_loop_config={"trial": trial,
+                           "tracking": {**config["tracking"],
+                                        "run_dir": str(Path(config["storage_path"]) / spec.key.replace("/", "__"))},
                            "threads": max(1, int(r.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
         torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
         run_config=RunConfig(
-            name=spec.key.replace("/", "__"), storage_path=config["storage_path"],
+            name=spec.key.replace("/", "__"), storage_path=config["storage_path"],  # same name: resumes
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config["max_failures"]),
@@ -189,7 +191,7 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
     # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
     trainable = tune.with_resources(train_trial, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
-                                failure_config=tune.FailureConfig(max_failures=1))
+                                failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     if tune.Tuner.can_restore(str(exp_dir)):
         log.info("restoring experiment %s", exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True,

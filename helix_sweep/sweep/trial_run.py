@@ -111,6 +111,7 @@ class TrialRun:
         self.buffer = OutageBuffer(self.client)
         self.run_id = ""
         self.experiment_id = ""
+        self.logged: set[int] = set()  # epochs this run already holds
 
     def open(self, run_id: str, tags: dict, params: dict, resumed: bool) -> str:
         """Reopen the trial's run (by id, else by tag) or create it; runs once per worker start."""
@@ -149,14 +150,17 @@ class TrialRun:
         return run.data.tags.get("status") == status and run.info.status != "RUNNING"
 
     def logged_epochs(self) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
+        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
+        return self.logged
 
     def log_epochs(self, history: list[dict], skip: set[int] | None = None) -> None:
-        """Queue one batch of metrics per epoch (step = epoch) not already in the run."""
+        """Queue one batch of metrics per epoch (step = epoch) not already in the run: an epoch
+        retrained after a restart keeps its first logged figures, so the curve has no duplicates."""
         for entry in history:
             epoch = int(entry["epoch"])
-            if skip and epoch in skip:
+            if epoch in self.logged or (skip and epoch in skip):
                 continue
+            self.logged.add(epoch)
             ts = int(entry.get("_ts", time.time() * 1000))
             metrics = [Metric(k, float(entry[k]), ts, epoch) for k in EPOCH_METRICS if k in entry]
             self.buffer.add(f"epoch {epoch}", lambda m=metrics: self.client.log_batch(self.run_id, metrics=m))

@@ -37,12 +37,22 @@ class RayMlflowReporter:
         self.closed = False
 
     def load(self) -> Optional[dict]:
+        """The newest checkpoint: Ray's latest, or a newer one of ours in the run's storage directory.
+
+        Ray registers a checkpoint in its snapshot after the upload; a controller lost with its node
+        in between (seen with ray.cluster_utils.Cluster.remove_node) leaves the snapshot one behind
+        or empty, so the run directory is scanned too (local or mounted shared storage)."""
+        state = None
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        self.resumed = True
-        with ckpt.as_directory() as d:
-            return load_state(Path(d))
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = load_state(Path(d))
+        newer = latest_on_disk(self.tracking.get("run_dir", ""))
+        if newer is not None and (state is None or _step(newer) > state["progress"]["global_step"]):
+            log.warning("%s: resuming from %s, newer than Ray's latest registered checkpoint", self.spec.key, newer)
+            state = load_state(newer)
+        self.resumed = state is not None
+        return state
 
     def start(self, progress: Progress, info: dict) -> str:
         if self.rank != 0:
@@ -121,6 +131,19 @@ class RayMlflowReporter:
                                               self.spec.variant)
         except Exception as exc:  # aggregates are recomputed by the next finishing fold or the report
             log.warning("parent aggregates of %s/%s not updated: %s", self.spec.dataset, self.spec.variant, exc)
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("-step")[1].split("-")[0])
+
+
+def latest_on_disk(run_dir: str) -> Optional[Path]:
+    """Our newest complete checkpoint directory (epochEEEE-stepSSSSSSSS[-final]/state.pt) in a run dir."""
+    root = Path(run_dir) if run_dir else None
+    if root is None or not root.is_dir():
+        return None
+    found = [d for d in root.glob("epoch*-step*") if (d / "state.pt").is_file()]
+    return max(found, key=lambda d: (_step(d), d.name.endswith("-final"))) if found else None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
