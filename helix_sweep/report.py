@@ -607,8 +607,12 @@ def plot_accuracy_bars(sweep: Sweep, dataset: str, path: Path) -> Path:
     ax.set_title(f"{_title(dataset)}: raw vs mel")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path, dpi=100)
+
+
+def _save(plt, fig, path: Path, dpi: int) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -641,10 +645,7 @@ def plot_gap(sweep: Sweep, path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 def plot_curves(sweep: Sweep, dataset: str, path: Path) -> Path:
@@ -679,10 +680,7 @@ def plot_curves(sweep: Sweep, dataset: str, path: Path) -> Path:
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)")
     fig.suptitle(f"{_title(dataset)}: test (solid), train (dashed), validation (dotted) accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=90)
 
 
 def plot_accuracy_vs_length(sweep: Sweep, path: Path) -> Path:
@@ -717,10 +715,7 @@ def plot_accuracy_vs_length(sweep: Sweep, path: Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=100)
 
 
 def study_figures(sweep: Sweep, outdir: Path) -> list[tuple[str, Path]]:
