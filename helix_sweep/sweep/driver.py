@@ -168,7 +168,8 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
         return 0
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True,
+        # the dashboard serves the state API that Ray Train uses to watch its controllers
+        ray.init(address=cfg.ray_address, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
     param_space = {
