@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from helix_sweep.config import load_config
+from helix_sweep.models.frontends import num_tokens
 from helix_sweep.sweep.tracking import stop_tracking_server
 
 ARGS = ["datasets=[synth-commands]", "variants=[helix-mel,attention-mel]", "train.epochs=2"]
@@ -52,7 +54,9 @@ def test_two_trial_sweep_lands_in_mlflow(sweep):
         assert r.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
         p = r.data.params
         assert p["frontend"] == "mel" and p["dataset"] == "synth-commands" and int(p["n_params"]) > 0
-        assert p["pattern"] in ("MMMAMM", "AAAAAA") and p["lr"] and p["d_ffn"] and p["tokens_per_clip"] == "16"
+        seconds = load_config([]).dataset_defs["synth-commands"].clip_seconds
+        assert p["pattern"] in ("MMMAMM", "AAAAAA") and float(p["lr"]) > 0 and int(p["d_ffn"]) > 0
+        assert int(p["tokens_per_clip"]) == num_tokens("mel", int(seconds * 16000))
         for key in ("train_loss", "test_acc", "best_test_acc", "lr", "epoch_seconds"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2], key
         best = max(m.value for m in client.get_metric_history(r.info.run_id, "test_acc"))

@@ -9,11 +9,13 @@ SEARCHED = ("train.lr", "train.weight_decay", "train.augment.mixup_alpha", "trai
 
 
 def test_tune_search_resumes_after_driver_kill(tmp_path):
+    driver = start(tmp_path, *ARGS)
     try:
-        driver = start(tmp_path, *ARGS)
         finished = lambda: [r for r in trial_runs(tmp_path) if r.data.tags.get("status") == "finished"]
-        wait_for(lambda: len(finished()) >= 4, 600, "4 finished search trials")
-        kill_group(driver)
+        try:
+            wait_for(lambda: len(finished()) >= 4, 600, "4 finished search trials")
+        finally:
+            kill_group(driver)
         before = {r.data.tags["trial_key"]: r.info.run_id for r in finished()}
         proc = run(tmp_path, *ARGS)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

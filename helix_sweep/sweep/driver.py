@@ -13,14 +13,18 @@ import csv
 import logging
 import os
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 from ray import tune
 
-from helix_sweep.config import ConfigError, SweepConfig, TrialSpec, to_dict, to_yaml, trial_from_dict
+from helix_sweep.config import (
+    ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_dict, to_yaml, trial_from_dict,
+)
 from helix_sweep.plan import order_longest_first
 from helix_sweep.sweep import tracking
+from helix_sweep.sweep.grid import oom_reason, with_gpu_micro_batches
 from helix_sweep.sweep.search import search_space, searcher_and_scheduler
 
 log = logging.getLogger(__name__)
@@ -66,8 +70,11 @@ def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
                           f"command, or pick a new experiment=NAME. Differences:\n{diff}")
 
 
-def train_trial(config: dict) -> None:
-    """The Tune trainable: fit one TorchTrainer for this trial (resuming its Train run if any)."""
+def train_trial(config: dict, specs: dict) -> None:
+    """The Tune trainable: fit one TorchTrainer for this trial (resuming its Train run if any).
+
+    config carries only the trial key (and a search's sampled values), so Tune's table and state
+    stay small; the specs ride along through tune.with_parameters."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -77,11 +84,10 @@ def train_trial(config: dict) -> None:
 
     from helix_sweep.sweep.search import apply_sample
 
-    trial = apply_sample(config["trial"], config)  # a search sample's train.* values, if any
+    trial = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
     spec = trial_from_dict(trial)
     r = spec.resources
-    use_gpu = {"auto": bool(ray.cluster_resources().get("GPU", 0)), "true": True, "false": False}[
-        str(r.use_gpu).lower()]
+    use_gpu = uses_gpu(r, cluster_gpus()[1])  # the driver resolved "auto" already; kept for old experiments
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -104,20 +110,51 @@ def train_trial(config: dict) -> None:
 
 def trial_name(trial) -> str:
     """Tune's table and directories show the trial key (slashes are path separators there)."""
-    from helix_sweep.sweep.search import apply_sample
+    from helix_sweep.sweep.search import sample_key
 
-    return apply_sample(trial.config["trial"], trial.config)["key"].replace("/", "__")
+    return sample_key(trial.config["trial_key"], trial.config).replace("/", "__")
 
 
-def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
-    """As many trials as the cluster's GPUs (or CPUs when it has none) can hold at once."""
+def cluster_gpus() -> tuple[float, float]:
+    """(GPUs in the cluster now, GPUs it can reach): the second is the autoscaler's maximum when
+    the cluster reports its node types (a launcher cluster scaling GPU workers from zero has no GPU
+    at the start), else the first."""
+    now = float(ray.cluster_resources().get("GPU", 0))
+    try:  # Ray's private state API, as Ray Train uses it to check a worker group can ever fit
+        from ray._private.state import state
+
+        reachable = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception as exc:  # moved or unavailable in this Ray version: what is there now
+        log.debug("no autoscaler config from the GCS: %s", exc)
+        reachable = 0.0
+    return now, max(now, reachable)
+
+
+def uses_gpu(r: ResourceConfig, gpus: float) -> bool:
+    """resources.use_gpu: "auto" means yes when the cluster has or can add GPUs."""
+    return {"auto": gpus > 0, "true": True, "false": False}[str(r.use_gpu).lower()]
+
+
+def resolve_use_gpu(trials: list[TrialSpec], gpus: float) -> list[TrialSpec]:
+    """Fix each trial's use_gpu to "true"/"false" once, in the driver, so every trial (and every
+    restart of one) asks Ray for the same resources, including while GPU workers are still starting."""
+    return [replace(t, resources=replace(t.resources, use_gpu=str(uses_gpu(t.resources, gpus)).lower()))
+            for t in trials]
+
+
+def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec], gpus: float | None = None,
+                   cpus: float | None = None) -> int:
+    """As many trials as the cluster's GPUs (or CPUs, for CPU trials) can hold at once: the
+    smallest trial's share decides, so the cap never leaves a GPU idle while trials wait; Ray
+    queues what does not fit. gpus/cpus default to what the cluster has (or can reach)."""
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
-    res = ray.cluster_resources()
-    r = trials[0].resources
-    if res.get("GPU", 0) and str(r.use_gpu).lower() != "false":
-        return max(1, int(res["GPU"] // (r.num_workers * r.gpus_per_worker)))
-    return max(1, int(res.get("CPU", 1) // (r.num_workers * r.cpus_per_worker)))
+    gpus = cluster_gpus()[1] if gpus is None else gpus
+    cpus = float(ray.cluster_resources().get("CPU", 1)) if cpus is None else cpus
+    on_gpu = [t.resources for t in trials if uses_gpu(t.resources, gpus)]
+    if on_gpu:
+        return max(1, int(gpus // min(r.num_workers * r.gpus_per_worker for r in on_gpu)))
+    return max(1, int(cpus // min(t.resources.num_workers * t.resources.cpus_per_worker for t in trials)))
 
 
 def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> None:
@@ -131,10 +168,12 @@ def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> N
         parent = tracking.get_or_create_parent_run(client, experiment_id, t.dataset, t.variant)
         run = client.create_run(experiment_id, run_name=t.key, tags={
             "mlflow.parentRunId": parent, "kind": "trial", "trial_key": t.key, "dataset": t.dataset,
-            "variant": t.variant, "fold": t.fold_label, "status": "planned_oom", "resumes": "0"})
+            "variant": t.variant, "fold": t.fold_label, "status": "planned_oom", "resumes": "0",
+            "stop_reason": oom_reason(t)})
         for k, v in {"variant": t.variant, "pattern": t.pattern, "frontend": t.frontend, "dataset": t.dataset,
                      "fold": t.fold_label, "tokens_per_clip": t.tokens,
-                     "attention_impl": t.model.attention_impl}.items():
+                     "attention_impl": t.model.attention_impl, "gpu_memory_gb": t.resources.gpu_memory_gb,
+                     "num_workers": t.resources.num_workers}.items():
             client.log_param(run.info.run_id, k, str(v))
         client.set_terminated(run.info.run_id, "KILLED")
         tracking.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
@@ -171,26 +210,36 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
         # the dashboard serves the state API that Ray Train uses to watch its controllers
         ray.init(address=cfg.ray_address, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    gpus_now, gpus = cluster_gpus()
+    runnable = resolve_use_gpu(runnable, gpus)
+    if any(t.resources.use_gpu == "true" for t in runnable):  # GPU trials: micro-batches that fit
+        runnable = with_gpu_micro_batches(runnable)
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
+    concurrent = max_concurrent(cfg, runnable, gpus)
+    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches: %s",
+             gpus_now, gpus, len(runnable), concurrent,
+             ", ".join(f"{t.key}={t.train.micro_batch or t.train.batch_size}" for t in runnable[:8])
+             + (" ..." if len(runnable) > 8 else ""))
     param_space = {
         "tracking": {"uri": uri},
         "storage_path": str(exp_dir / "trials"),
         "max_failures": cfg.max_failures,
     }
-    tune_config = dict(max_concurrent_trials=max_concurrent(cfg, runnable), trial_name_creator=trial_name,
+    tune_config = dict(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
                        trial_dirname_creator=trial_name)
     if cfg.search.num_samples > 0:
         if len(runnable) != 1:
             raise ConfigError(f"a search (search.num_samples={cfg.search.num_samples}) runs over one base trial; "
                               f"the grid gives {len(runnable)}: narrow it with datasets=[..] variants=[..] folds=[..]")
         searcher, scheduler = searcher_and_scheduler(cfg.search, runnable[0].train.epochs)
-        param_space.update({"trial": to_dict(runnable[0]), **search_space(cfg.search)})
+        param_space.update({"trial_key": runnable[0].key, **search_space(cfg.search)})
         tune_config.update(search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_samples)
         tune_config.pop("max_concurrent_trials")  # the ConcurrencyLimiter caps a search
     else:
-        param_space["trial"] = tune.grid_search([to_dict(t) for t in runnable])
+        param_space["trial_key"] = tune.grid_search([t.key for t in runnable])
     # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
-    trainable = tune.with_resources(train_trial, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
+    specs = tune.with_parameters(train_trial, specs={t.key: to_dict(t) for t in runnable})
+    trainable = tune.with_resources(specs, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     if tune.Tuner.can_restore(str(exp_dir)):
@@ -212,12 +261,12 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
 
 def close_stopped_runs(client, experiment_id: str, grid) -> None:
     """Trials the scheduler (ASHA) stopped early: their MLflow runs end with status stopped."""
-    from helix_sweep.sweep.search import apply_sample
+    from helix_sweep.sweep.search import sample_key
 
     for result in grid:
         if result.error is not None or (result.metrics or {}).get("trial_status") != "running":
             continue
-        key = apply_sample(result.config["trial"], result.config)["key"]
+        key = sample_key(result.config["trial_key"], result.config)
         for run in client.search_runs([experiment_id], filter_string=f"tags.trial_key = '{key}'"):
             if run.data.tags.get("status") == "running":
                 client.set_tag(run.info.run_id, "status", "stopped")

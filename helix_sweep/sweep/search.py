@@ -43,6 +43,15 @@ def sampled(config: dict) -> dict:
     return {k: v for k, v in config.items() if k.startswith(SEARCHABLE)}
 
 
+def sample_key(base_key: str, config: dict) -> str:
+    """The trial key of a Tune config: the base key, plus a digest of its sampled values if any."""
+    values = sampled(config)
+    if not values:
+        return base_key
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{base_key}/s{digest}"
+
+
 def apply_sample(trial: dict, config: dict) -> dict:
     """The base trial dict with the sampled train.* values set and a key of its own."""
     values = sampled(config)
@@ -57,8 +66,7 @@ def apply_sample(trial: dict, config: dict) -> dict:
         if leaf not in node:
             raise ConfigError(f"search.space: {dotted} is not a config key")
         node[leaf] = value
-    digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    out["key"] = f"{trial['key']}/s{digest}"
+    out["key"] = sample_key(trial["key"], config)
     return out
 
 
