@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from helix_sweep.config import load_config
 from helix_sweep.models.frontends import num_tokens
 from helix_sweep.sweep.tracking import stop_tracking_server
+from test_report_browser import browser  # noqa: F401  (fixture: headless chromium)
 
 ARGS = ["datasets=[synth-commands]", "variants=[helix-mel,attention-mel]", "train.epochs=2"]
 
@@ -86,3 +87,28 @@ def test_changed_settings_refuse_to_continue(sweep):
     proc = run_sweep(workdir, "train.lr=0.01")
     assert proc.returncode == 2
     assert "was started with other settings" in proc.stderr and "lr" in proc.stderr
+
+
+def test_report_and_mlflow_ui_of_the_real_sweep(sweep, browser, tmp_path):
+    """The report regenerated from this real sweep's runs, and both seen in headless chromium."""
+    from helix_sweep.report import pct
+
+    workdir, _, uri = sweep
+    out = tmp_path / "dashboards"
+    proc = subprocess.run([sys.executable, "-m", "helix_sweep.report", f"tracking_uri={uri}", f"out={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [index] = list(out.glob("*/index.html"))
+    client, trials, _ = trial_runs(uri)
+    page = browser.new_page(viewport={"width": 1600, "height": 1200})
+    page.set_default_timeout(90_000)
+    eid = trials[0].info.experiment_id
+    page.goto(f"{uri}/#/experiments/{eid}/runs?workflowType=machine_learning")
+    for parent in ("synth-commands/helix-mel", "synth-commands/attention-mel"):
+        page.get_by_text(parent, exact=True).wait_for(state="visible")
+    page.screenshot(path=str(tmp_path / "mlflow_real_sweep.png"))
+    page.goto(index.as_uri())
+    for r in trials:
+        cells = page.locator("td", has_text=pct(r.data.metrics["best_test_acc"]))
+        assert cells.count() >= 1, r.info.run_name
+    page.close()
