@@ -25,13 +25,14 @@ def test_structure(root):
     assert (tex.num_classes, tex.clip_samples, len(tex.train), len(tex.test), tex.val) == (6, 16000, 408, 102, None)
     assert np.bincount(tex.test.labels).tolist() == [17] * 6
     cmd = open_task(root, "synth-commands")
-    assert (len(cmd.train), len(cmd.val), len(cmd.test), cmd.clip_samples) == (300, 60, 120, 16000)
+    assert (len(cmd.train), len(cmd.val), len(cmd.test), cmd.clip_samples) == (600, 60, 180, 8000)
+    assert np.bincount(cmd.train.labels).tolist() == [100] * 6
     cat = open_task(root, "synth-concat")
-    assert cat.clip_samples == 4 * 16000 and cat.pool_tokens == 100 and list(cat.test.labels) == list(cmd.test.labels)
-    assert open_task(root, "synth-concat", concat_n=2, pool_tokens=50).info["pool_tokens"] == 50
+    assert cat.clip_samples == 2 * 8000 and cat.pool_tokens == 50 and list(cat.test.labels) == list(cmd.test.labels)
+    assert open_task(root, "synth-concat", concat_n=3, pool_tokens=25).info["pool_tokens"] == 25
     spk = open_task(root, "synth-speaker")
-    assert spk.clip_samples == 48000 and spk.num_classes == 6
-    assert 250 <= len(spk.train) <= 400 and 60 <= len(spk.test) <= 200
+    assert spk.clip_samples == 16000 and spk.num_classes == 6
+    assert 450 <= len(spk.train) <= 600 and 100 <= len(spk.test) <= 170
     assert set(spk.train.labels) == set(spk.test.labels) == set(range(6))
     for task in (tex, cmd, cat, spk):
         x, y = task.train.get_batch(range(16))

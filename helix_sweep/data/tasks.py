@@ -57,9 +57,12 @@ _SPECS = {
     "librispeech": TaskSpec("librispeech", "speaker", 30.0, options={"train_share": 0.8, "partial_clip": "pad"}),
     "voxpopuli": TaskSpec("voxpopuli", "speaker", 300.0, options={"train_share": 0.8, "partial_clip": "pad"}),
     "synth-textures": TaskSpec("synth-textures", "folds", 1.0, folds=5),
-    "synth-commands": TaskSpec("synth-commands", "splits", 1.0),
-    "synth-concat": TaskSpec("synth-commands", "concat", 1.0, options={"concat_n": 4, "pool_tokens": 100}),
-    "synth-speaker": TaskSpec("synth-speaker", "speaker", 3.0, options={"train_share": 0.8, "partial_clip": "pad"}),
+    # Synthetic tasks sized for the CPU smoke grid: 0.5 s commands, 2 x 0.5 s concat (K = 50 raw tokens
+    # = the first clip), 1 s speaker windows (pure attention on raw tokens did not learn 1.5-2 s windows
+    # of 260-450 clips in 6 epochs; it did at 1 s).
+    "synth-commands": TaskSpec("synth-commands", "splits", 0.5),
+    "synth-concat": TaskSpec("synth-commands", "concat", 0.5, options={"concat_n": 2, "pool_tokens": 50}),
+    "synth-speaker": TaskSpec("synth-speaker", "speaker", 1.0, options={"train_share": 0.8, "partial_clip": "pad"}),
 }
 DATASETS = tuple(_SPECS)
 SYNTHETIC_BASES = ("synth-textures", "synth-commands", "synth-speaker")
