@@ -71,6 +71,26 @@ def study_comparison() -> str:
     return "\n".join(rows)
 
 
+def sweep_side() -> str:
+    """What the sweep does with the plan (grid=full, naive attention, 48 GB): trials it records as
+    planned_oom and the micro-batch x accumulation it gives the trials that do not fit whole."""
+    try:
+        from helix_sweep.config import load_config
+        from helix_sweep.sweep.grid import expand_grid, gpu_micro_batch
+    except ImportError:
+        return "- (the sweep package is not importable here)"
+    specs = expand_grid(load_config(["grid=full"]))
+    oom = [t.key for t in specs if t.status == "planned_oom"]
+    runnable = [(t, *gpu_micro_batch(t)) for t in specs if t.status == "run"]
+    split = sorted({(t.dataset, t.variant, m, a, t.resources.num_workers)
+                    for t, m, a in runnable if m < t.train.batch_size})  # DDP share or accumulation
+    lines = [f"- recorded as planned_oom without GPU time: {', '.join(oom)}"]
+    lines += [f"- {d}/{v}: micro-batch {m} x {a} accumulation steps x {w} worker(s) = "
+              f"{m * a * w} clips per optimizer step" for d, v, m, a, w in split]
+    lines.append(f"- the other {len(runnable) - len(split)} runnable trials: the whole batch of 32 in one step")
+    return "\n".join(lines)
+
+
 def write_section(body: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     section = "## makespan\n\n" + body.rstrip() + "\n"
@@ -93,6 +113,10 @@ def main(argv: list[str]) -> int:
     study = study_comparison()
     print(study)
     parts += ["GPU-hours per variant (naive attention) against the study's figures:", study, ""]
+    sweep = sweep_side()
+    print(sweep)
+    parts += ["In the sweep (`python -m helix_sweep.run grid=full`, naive attention, "
+              "resources.gpu_memory_gb=48; on a GPU cluster):", sweep, ""]
     if opts.get("write") == "1":
         write_section("\n".join(parts))
         print(f"wrote the makespan section of {RESULTS}")

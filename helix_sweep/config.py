@@ -78,6 +78,7 @@ class ResourceConfig:
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    gpu_memory_gb: float = 48.0  # memory of one GPU: the planner's feasibility and micro-batch target
 
 
 @dataclass
@@ -96,6 +97,7 @@ class DatasetDef:
     frontends: List[str] = field(default_factory=lambda: ["raw", "mel"])
     options: Dict[str, Any] = field(default_factory=dict)  # task options for data.open_task
     train: Dict[str, Any] = field(default_factory=dict)  # per-dataset train overrides
+    model: Dict[str, Any] = field(default_factory=dict)  # per-dataset model overrides (e.g. attention_impl)
     resources: Dict[str, Any] = field(default_factory=dict)  # per-dataset resource overrides
 
 
@@ -144,8 +146,10 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     variant_defs: Dict[str, VariantDef] = field(default_factory=dict)
     dataset_defs: Dict[str, DatasetDef] = field(default_factory=dict)
-    # train keys the grid file or the command line set: they win over a dataset's own train overrides
+    # train / model keys set on the command line: they win over a dataset's own overrides, which win
+    # over the grid file's and base.yaml's settings
     train_explicit: Dict[str, Any] = field(default_factory=dict)
+    model_explicit: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def experiment_name(self) -> str:
@@ -241,8 +245,8 @@ def load_config(overrides: list[str] | None = None) -> SweepConfig:
     grid_yaml = _read_yaml(SEARCH_SPACES / "grids" / f"{grid}.yaml")
     cfg = _merge(cfg, grid_yaml, f"search_spaces/grids/{grid}.yaml")
     cfg = _merge(cfg, cli, "command line")
-    explicit = OmegaConf.merge(grid_yaml.get("train") or {}, OmegaConf.to_container(cli).get("train") or {})
-    cfg.train_explicit = OmegaConf.to_container(explicit)
+    for section in ("train", "model"):  # the command line beats a dataset's own overrides
+        cfg[f"{section}_explicit"] = OmegaConf.to_container(cli).get(section) or {}
     try:
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except OmegaConfBaseException as exc:

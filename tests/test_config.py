@@ -78,7 +78,13 @@ def test_full_grid_exceptions():
     speaker = [t for t in trials if t.dataset in ("librispeech", "voxpopuli")]
     assert speaker and all(t.frontend == "raw" for t in speaker)
     oom = [t.key for t in trials if t.status == "planned_oom"]
-    assert oom == ["voxpopuli/attention-raw/split"]
+    assert oom == ["voxpopuli/attention-raw/split"]  # HELIX at 300 s runs with SDPA (datasets.yaml)
+    assert {t.model.attention_impl for t in trials if t.dataset == "voxpopuli"} == {"sdpa"}
+    assert {t.model.attention_impl for t in trials if t.dataset == "esc50"} == {"naive"}
+    # with naive attention forced from the command line the planner also rules HELIX out at 48 GB
+    _, naive = plan_trials(["grid=full", "model.attention_impl=naive"])
+    assert sorted(t.key for t in naive if t.status == "planned_oom") == [
+        "voxpopuli/attention-raw/split", "voxpopuli/helix-raw/split"]
     assert next(t for t in trials if t.dataset == "voxpopuli").tokens == 30000
     assert {t.fold for t in trials if t.dataset == "urbansound8k"} == set(range(1, 11))
 

@@ -22,7 +22,7 @@ from helix_sweep.training.checkpoint import load_state
 from helix_sweep.training.loop import run_training
 from sweep_process import client_for, kill_group, run, start, trial_runs, wait_for
 
-BASE = ["datasets=[synth-commands]", "train.epochs=2", "train.deterministic=true", "train.batch_size=50"]
+BASE = ["datasets=[synth-commands]", "train.epochs=2", "train.deterministic=true", "train.batch_size=100"]
 TIMING = ("epoch_seconds", "samples_per_s", "peak_mem_mb", "_ts")
 
 
@@ -104,7 +104,7 @@ def test_nan_diverges_oom_stops_and_the_rest_finishes(workdir):
     assert "3 non-finite losses in a row" in diverged.data.tags["stop_reason"]
     oom = runs["synth-commands/attention-mel/split"]
     assert f"out of memory at {oom.data.params['tokens_per_clip']} tokens/clip" in oom.data.tags["stop_reason"]
-    assert "micro-batch 50" in oom.data.tags["stop_reason"]
+    assert "micro-batch 100" in oom.data.tags["stop_reason"]
     assert epochs_logged(workdir, runs["synth-commands/mamba-mel/split"]) == [1, 2]
 
 

@@ -87,7 +87,7 @@ def train_trial(config: dict, specs: dict) -> None:
     trial = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
     spec = trial_from_dict(trial)
     r = spec.resources
-    use_gpu = uses_gpu(r, cluster_gpus()[1])  # the driver resolved "auto" already; kept for old experiments
+    use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -115,19 +115,48 @@ def trial_name(trial) -> str:
     return sample_key(trial.config["trial_key"], trial.config).replace("/", "__")
 
 
-def cluster_gpus() -> tuple[float, float]:
-    """(GPUs in the cluster now, GPUs it can reach): the second is the autoscaler's maximum when
-    the cluster reports its node types (a launcher cluster scaling GPU workers from zero has no GPU
-    at the start), else the first."""
+AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` puts the cluster YAML on the head
+
+
+def autoscaler_gpus(config_path: Path = AUTOSCALER_CONFIG) -> float:
+    """GPUs the autoscaler can bring up: sum over worker types of max_workers x GPUs per node
+    (capped by the cluster's max_workers), from the cluster YAML on the head; 0 when not on one."""
+    import yaml
+
+    path = config_path.expanduser()
+    if not path.is_file():
+        return 0.0
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+        types = cfg.get("available_node_types") or {}
+        per_node = sorted(((float((t.get("resources") or {}).get("GPU", 0)), int(t.get("max_workers", 0)))
+                           for name, t in types.items() if name != cfg.get("head_node_type")), reverse=True)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
+        log.warning("cannot read the autoscaler config %s: %s", path, exc)
+        return 0.0
+    nodes_left, gpus = int(cfg.get("max_workers", sum(n for _, n in per_node))), 0.0
+    for gpu, n in per_node:  # the GPU-richest types first, within the cluster's node limit
+        take = min(n, nodes_left)
+        gpus, nodes_left = gpus + gpu * take, nodes_left - take
+    return gpus
+
+
+def cluster_gpus(autoscaling: bool = True) -> tuple[float, float]:
+    """(GPUs in the cluster now, GPUs it can reach). A launcher cluster scaling GPU workers from
+    zero has none at the start: the second figure then comes from the autoscaler's config (the
+    cluster YAML on the head, or what the cluster reports to the GCS, as KubeRay does). A local Ray
+    (autoscaling=False) cannot grow."""
     now = float(ray.cluster_resources().get("GPU", 0))
+    if not autoscaling:
+        return now, now
+    reported = 0.0
     try:  # Ray's private state API, as Ray Train uses it to check a worker group can ever fit
         from ray._private.state import state
 
-        reachable = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
-    except Exception as exc:  # moved or unavailable in this Ray version: what is there now
-        log.debug("no autoscaler config from the GCS: %s", exc)
-        reachable = 0.0
-    return now, max(now, reachable)
+        reported = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception as exc:  # moved or unavailable in this Ray version
+        log.debug("no cluster config in the GCS: %s", exc)
+    return now, max(now, reported, autoscaler_gpus())
 
 
 def uses_gpu(r: ResourceConfig, gpus: float) -> bool:
@@ -208,9 +237,10 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
 
     if not ray.is_initialized():
         # the dashboard serves the state API that Ray Train uses to watch its controllers
-        ray.init(address=cfg.ray_address, log_to_driver=True,
+        # "local": a fresh local runtime, never someone else's cluster on the same machine
+        ray.init(address=cfg.ray_address or "local", log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
-    gpus_now, gpus = cluster_gpus()
+    gpus_now, gpus = cluster_gpus(autoscaling=cfg.ray_address is not None)  # a local Ray cannot grow
     runnable = resolve_use_gpu(runnable, gpus)
     if any(t.resources.use_gpu == "true" for t in runnable):  # GPU trials: micro-batches that fit
         runnable = with_gpu_micro_batches(runnable)

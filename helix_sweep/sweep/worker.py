@@ -61,7 +61,8 @@ class RayMlflowReporter:
 
         s = self.spec
         self.run = TrialRun(self.tracking["uri"], s.experiment, s.key)
-        params = {
+        params = {  # the train settings first: the resolved micro_batch / grad_accum below win
+            **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
             "variant": s.variant, "frontend": s.frontend, "pattern": s.pattern,
             "attention_positions": [i for i, c in enumerate(s.pattern) if c == "A"], "dataset": s.dataset,
             "fold": s.fold_label, "n_params": info["n_params"], "n_params_per_layer": info["n_params_per_layer"],
@@ -71,7 +72,6 @@ class RayMlflowReporter:
             "attention_impl": s.model.attention_impl, "num_workers": self.world_size,
             "git_sha": code_version(), "versions": package_versions(), "n_train": info["task"].get("n_train"),
             "n_test": info["task"].get("n_test"), "num_classes": len(info["label_names"]),
-            **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
         }
         if progress.status != "running" and progress.run_id and self.run.is_closed(progress.run_id, progress.status):
             # relaunched after its final checkpoint (e.g. a driver killed seconds after the end):
