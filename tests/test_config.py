@@ -125,3 +125,24 @@ def test_generated_patterns_are_parameter_matched(grid):
         assert patterns == sorted("".join("A" if i == p else "M" for i in range(6)) for p in range(6))
     counts = [count_params(build_classifier(p, "raw", 50)) for p in patterns]
     assert (max(counts) - min(counts)) / min(counts) <= 0.005
+
+
+def test_missing_dataset_fails_before_any_trial_naming_the_prepare_command(tmp_path):
+    proc = run_cli_full(f"workdir={tmp_path}", "grid=full", "datasets=[esc50]", "variants=[helix-raw]", "folds=[1]")
+    assert proc.returncode == 2, proc.stderr
+    assert "esc50" in proc.stderr and "python -m helix_sweep.data prepare esc50" in proc.stderr
+    assert not (tmp_path / "mlflow").exists()  # no tracking server was started
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path):
+    proc = run_cli_full(f"workdir={tmp_path}", "datasets=[synth-commands]", "variants=[helix-mel]",
+                        "tracking_uri=http://127.0.0.1:9")
+    assert proc.returncode == 3
+    assert "http://127.0.0.1:9" in proc.stdout + proc.stderr and "unavailable" in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("experiments/*/trials"))  # no trial was started
+
+
+def run_cli_full(*args):
+    """The real entry point, past the config checks (it may import Ray, but must not start trials)."""
+    return subprocess.run([sys.executable, "-m", "helix_sweep.run", *args], capture_output=True, text=True,
+                          timeout=300)

@@ -69,6 +69,8 @@ def test_worker_sigkill_mid_epoch_resumes_bit_identical(workdir):
                "train.inject={kill_at_step: 8, kill_marker: '" + str(marker) + "'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists(), "the worker was never killed"
+    # lost work is bounded by checkpoint_minutes: with a checkpoint after every step, nothing is redone
+    assert "resuming at epoch 1 step 2" in proc.stdout + proc.stderr
     [final] = list((workdir / "experiments").glob(f"*/trials/{key.replace('/', '__')}/*-final"))
     resumed = load_state(final)
 
