@@ -153,5 +153,5 @@ def test_grid_trials_adapt():
     specs = grid.expand_grid(config.load_config(["grid=full"]))
     trials = [plan.as_trial(s) for s in specs]
     vox = {t.key: t for t in trials}["voxpopuli/mamba-raw/split"]
-    assert (vox.tokens, vox.workers, vox.attention_impl) == (30_000, 4, "naive")
+    assert (vox.tokens, vox.workers, vox.attention_impl) == (30_000, 4, "sdpa")  # datasets.yaml: SDPA at 300 s
     assert len(trials) == len(study_trials())

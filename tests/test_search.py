@@ -4,8 +4,7 @@ from helix_sweep.sweep.tracking import stop_tracking_server
 from sweep_process import kill_group, run, start, trial_runs, wait_for
 
 ARGS = ["grid=tune", "train.epochs=1", "search.num_samples=8", "search.max_concurrent=2"]
-SEARCHED = ("train.lr", "train.weight_decay", "train.augment.mixup_alpha", "train.augment.noise",
-            "train.augment.gain")
+SEARCHED = ("lr", "weight_decay", "augment.mixup_alpha", "augment.noise", "augment.gain")  # MLflow param names
 
 
 def test_tune_search_resumes_after_driver_kill(tmp_path):
