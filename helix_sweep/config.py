@@ -305,10 +305,6 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def train_config_from(data: dict) -> TrainConfig:
-    """Rebuild a TrainConfig from its dict form (as carried in a trial spec), type-checked."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))  # type: ignore[return-value]
-
 
 @dataclass
 class TrialSpec:

@@ -37,17 +37,14 @@ def experiment_dir(cfg: SweepConfig, name: str) -> Path:
 
 
 def check_data(trials: list[TrialSpec]) -> None:
-    """Every dataset a trial reads is prepared (synthetic ones are generated here, once)."""
-    from helix_sweep.data import DatasetNotPrepared, open_task
+    """Every dataset a trial reads is prepared (synthetic ones are generated here, once, so parallel
+    trials do not race to generate them)."""
+    from helix_sweep.data import DatasetNotPrepared
+    from helix_sweep.data.tasks import require_prepared
 
-    seen = set()
-    for t in trials:
-        if (t.dataset, t.fold) in seen or t.status != "run":
-            continue
-        seen.add((t.dataset, t.fold))
+    for root, dataset in sorted({(t.data_root, t.dataset) for t in trials if t.status == "run"}):
         try:
-            open_task(t.data_root, t.dataset, fold=t.fold, seed=t.train.seed, val_fraction=t.train.val_fraction,
-                      **t.task_options)
+            require_prepared(root, dataset)
         except DatasetNotPrepared as exc:
             raise ConfigError(str(exc)) from None
 
