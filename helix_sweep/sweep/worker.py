@@ -35,6 +35,7 @@ class RayMlflowReporter:
         self.best_model: Optional[dict] = None
         self.label_names: list[str] = []
         self.closed = False
+        self.reported = False  # whether this worker start reported anything to Tune yet
 
     def load(self) -> Optional[dict]:
         """The newest checkpoint: Ray's latest, or a newer one of ours in the run's storage directory.
@@ -85,11 +86,17 @@ class RayMlflowReporter:
         self.label_names = info["label_names"]
         return run_id
 
-    def commit(self, state: dict, metrics: Optional[dict], progress: Progress) -> None:
-        tune_metrics = {"epoch": progress.epoch, "step": progress.global_step,
-                        "best_test_acc": max(progress.best_test_acc, 0.0), "trial_status": progress.status}
+    @staticmethod
+    def tune_metrics(progress: Progress, metrics: Optional[dict]) -> dict:
+        out = {"epoch": progress.epoch, "step": progress.global_step,
+               "best_test_acc": max(progress.best_test_acc, 0.0), "trial_status": progress.status}
         if metrics:
-            tune_metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            out.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("_")})
+        return out
+
+    def commit(self, state: dict, metrics: Optional[dict], progress: Progress) -> None:
+        self.reported = True
+        tune_metrics = self.tune_metrics(progress, metrics)
         if self.rank != 0:
             ray.train.report(tune_metrics, checkpoint=None)
             return
@@ -113,6 +120,8 @@ class RayMlflowReporter:
             self.run.buffer.flush()
 
     def finish(self, progress: Progress, info: dict) -> None:
+        if not self.reported:  # relaunched after its end: Tune's scheduler and searcher still need a result
+            ray.train.report(self.tune_metrics(progress, None), checkpoint=None)
         if self.rank != 0 or self.run is None or self.closed:
             return
         if self.best_model is not None:
