@@ -36,6 +36,7 @@ class RayMlflowReporter:
         self.label_names: list[str] = []
         self.closed = False
         self.reported = False  # whether this worker start reported anything to Tune yet
+        self.stop_reason = ""
 
     def load(self) -> Optional[dict]:
         """The newest checkpoint: Ray's latest, or a newer one of ours in the run's storage directory.
@@ -103,35 +104,48 @@ class RayMlflowReporter:
         tmp = Path(tempfile.mkdtemp(prefix="helix-ckpt-"))
         try:
             save_state(state, tmp)
+            self.log(metrics, progress, state)
+            if progress.status != "running":
+                # the run's record is complete before Tune hears of the end: a scheduler's stop
+                # (ASHA stops every trial at max_t) may tear this worker down as soon as it reports
+                self.close(progress)
             name = f"epoch{progress.epoch:04d}-step{progress.global_step:08d}" + (
                 "-final" if progress.status != "running" else "")
             ray.train.report(tune_metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if metrics and self.run is not None:
-            entry = dict(progress.history[-1])
-            self.run.log_epochs([entry])
-            if "confusion" in metrics:  # a new best epoch
-                self.run.log_artifacts(metrics["confusion"], self.label_names)
-                if self.spec.train.log_model:
-                    self.best_model = {k: v.detach().clone() for k, v in state["model"].items()}
-        elif self.run is not None:
+
+    def log(self, metrics: Optional[dict], progress: Progress, state: dict) -> None:
+        if self.run is None:
+            return
+        if not metrics:
             self.run.buffer.flush()
+            return
+        self.run.log_epochs([dict(progress.history[-1])])
+        if "confusion" in metrics:  # a new best epoch
+            self.run.log_artifacts(metrics["confusion"], self.label_names)
+            if self.spec.train.log_model:
+                self.best_model = {k: v.detach().clone() for k, v in state["model"].items()}
 
     def finish(self, progress: Progress, info: dict) -> None:
         if not self.reported:  # relaunched after its end: Tune's scheduler and searcher still need a result
             ray.train.report(self.tune_metrics(progress, None), checkpoint=None)
+        if "stop_reason" in info:
+            self.stop_reason = info["stop_reason"]
+        self.close(progress)
+
+    def close(self, progress: Progress) -> None:
+        """End the MLflow run with the trial's status, once (idempotent across the final commit and finish)."""
         if self.rank != 0 or self.run is None or self.closed:
             return
+        self.closed = True
         if self.best_model is not None:
             self.run.log_model(self.best_model)
         self.run.log_config(to_yaml(self.spec))
-        extra = {"epochs_done": progress.epoch}
-        tags = {}
-        if "stop_reason" in info:
-            tags["stop_reason"] = info["stop_reason"]
-        self.run.close(progress.status, tags, {**extra, "best_test_acc_final": max(progress.best_test_acc, 0.0)},
+        tags = {"stop_reason": self.stop_reason} if self.stop_reason else {}
+        self.run.close(progress.status, tags, {"epochs_done": progress.epoch,
+                                               "best_test_acc_final": max(progress.best_test_acc, 0.0)},
                        wait_s=float(self.tracking.get("finish_wait_s", 600)))
         try:
             from helix_sweep.sweep import tracking

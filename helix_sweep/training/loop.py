@@ -266,6 +266,8 @@ def run_training(spec: TrialSpec, reporter: Reporter) -> Progress:
         info["stop_reason"] = (f"out of memory at {info['tokens_per_clip']} tokens/clip, "
                                f"micro-batch {setup.micro_batch}: {str(exc).splitlines()[0]}")
         log.error("%s: %s", spec.key, info["stop_reason"])
+    if _fault(spec, "sleep_before_finish"):  # test hook: widen the gap a scheduler's stop can fall into
+        time.sleep(float(_fault(spec, "sleep_before_finish")))
     reporter.finish(progress, info)
     return progress
 
@@ -342,10 +344,15 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
                 last_ckpt = time.monotonic()
         progress.epoch_seconds += time.monotonic() - started
         metrics = _end_epoch(spec, setup, task, progress)
+        if progress.epoch >= t.epochs:
+            # the last epoch's report is the final one: a scheduler that stops trials at max_t
+            # (ASHA) then stops a finished trial, never one between its last epoch and its end
+            progress.status = "finished"
         reporter.commit(_snapshot(spec, setup, gen, progress, world), metrics, progress)
         last_ckpt = time.monotonic()
-    progress.status = "finished"
-    reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
+    if progress.status == "running":  # resumed with every epoch already done (epochs lowered)
+        progress.status = "finished"
+        reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
 
 
 def _end_epoch(spec, setup: Setup, task, progress: Progress) -> dict:
