@@ -6,11 +6,15 @@ MLflow server on loopback. No mocks.
 - NaN losses end a trial as `diverged`, an OOM inside the step as `oom`; the sweep's other trials finish.
 - A killed driver: finished trials are not rerun, the one in flight continues from its checkpoint.
 - The tracking server stopped mid-trial and started again: every epoch logged exactly once.
+- The checkpoint storage turned read-only mid-trial: the trial fails with a clear error, the previous
+  checkpoint stays intact, and the same command resumes from it once the storage is writable.
 - A lost node: the trial finishes on another node from its checkpoint.
 """
 
 import os
+import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,7 @@ import torch
 
 from helix_sweep.run import plan_trials
 from helix_sweep.sweep.tracking import ensure_tracking_server, server_status, stop_tracking_server
-from helix_sweep.training.checkpoint import load_state
+from helix_sweep.training.checkpoint import BEST_DIR, checkpoints_on_disk, load_state
 from helix_sweep.training.loop import run_training
 from sweep_process import client_for, kill_group, run, start, trial_runs, wait_for
 
@@ -73,6 +77,12 @@ def test_worker_sigkill_mid_epoch_resumes_bit_identical(workdir):
     assert "resuming at epoch 1 step 2" in proc.stdout + proc.stderr
     [final] = list((workdir / "experiments").glob(f"*/trials/{key.replace('/', '__')}/*-final"))
     resumed = load_state(final)
+    # a checkpoint after every step, across a restart: the newest two and the best epoch's copy remain
+    kept = checkpoints_on_disk(final.parent)
+    assert len(kept) == 2 and kept[0] == final and load_state(kept[1])["progress"]["global_step"] == \
+        resumed["progress"]["global_step"] - 1
+    best = load_state(final.parent / BEST_DIR)["progress"]
+    assert best["epoch"] == best["best_epoch"] == resumed["progress"]["best_epoch"] and best["step_in_epoch"] == 0
 
     _, [spec] = plan_trials([f"workdir={workdir}", *BASE, "variants=[helix-mel]"])
     reference = MemoryReporter()
@@ -155,6 +165,69 @@ def test_tracking_server_outage_mid_trial(workdir):
     assert r.data.tags["status"] == "finished"
     assert epochs_logged(workdir, r) == [1, 2, 3, 4]
     assert "MLflow unreachable" in (workdir / "driver.log").read_text()
+
+
+@contextmanager
+def read_only(directory: Path):
+    """Make a directory read-only for the processes writing to it: a read-only bind mount over it
+    (root ignores file modes), or the file modes when not root."""
+    if os.geteuid() != 0:
+        paths = [directory, *directory.rglob("*")]
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    done = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+def test_read_only_checkpoint_storage_fails_clearly_and_resumes_intact(workdir):
+    key = "synth-commands/helix-mel/split"
+    args = [*BASE, "variants=[helix-mel]", "train.epochs=3", "max_failures=1", "train.inject={sleep_per_step: 0.4}"]
+    driver = start(workdir, *args)
+
+    def registered():  # epoch 1's checkpoint is in Ray's record: the next write is the worker's
+        return [p.parent for p in workdir.glob("experiments/*/trials/*/checkpoint_manager_snapshot.json")
+                if "epoch0001" in p.read_text()]
+    try:
+        [run_dir] = wait_for(registered, 300, "the first epoch's checkpoint", poll=0.3)
+        with read_only(run_dir.parent):
+            assert driver.wait(timeout=600) == 1, "a trial that cannot checkpoint must fail the sweep"
+            log_text = (workdir / "driver.log").read_text()
+            [r] = trial_runs(workdir)
+            intact = checkpoints_on_disk(run_dir)
+    finally:
+        kill_group(driver)
+    # the reason names the storage and the checkpoint left to resume from, in the log and in MLflow
+    reason = r.data.tags["stop_reason"]
+    assert r.data.tags["status"] == "failed" and r.info.status == "FAILED"
+    assert f"checkpoint storage {run_dir} is not writable" in reason and "Read-only file system" in reason \
+        or "Permission denied" in reason, reason
+    assert f"the previous checkpoint {intact[0]} is intact" in reason
+    assert f"errored: {key}: helix_sweep.training.checkpoint.CheckpointStorageError: {key}: checkpoint storage " \
+        f"{run_dir} is not writable" in log_text  # the driver's closing summary
+    state = load_state(intact[0])  # loads: not half-written
+    assert state["progress"]["epoch"] >= 1 and state["progress"]["status"] == "running"
+
+    proc = run(workdir, *args)  # storage writable again: the same command resumes the trial
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [r] = trial_runs(workdir)
+    assert r.data.tags["trial_key"] == key and r.data.tags["status"] == "finished"
+    assert int(r.data.tags["resumes"]) >= 1 and epochs_logged(workdir, r) == [1, 2, 3]
+    assert f"resuming at epoch {state['progress']['epoch']}" in proc.stdout + proc.stderr
+    # pruned to the newest two (keep_checkpoints) plus the best epoch's copy
+    assert len(checkpoints_on_disk(run_dir)) == 2 and (run_dir / BEST_DIR / "state.pt").is_file()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,8 @@ from helix_sweep.config import (
 from helix_sweep.plan import order_longest_first
 from helix_sweep.sweep import tracking
 from helix_sweep.sweep.grid import oom_reason, with_gpu_micro_batches
-from helix_sweep.sweep.search import search_space, searcher_and_scheduler
+from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
+from helix_sweep.training.checkpoint import check_writable, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +79,19 @@ def train_trial(config: dict, specs: dict) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from helix_sweep.sweep.worker import train_worker
-
     from helix_sweep.sweep.search import apply_sample
+    from helix_sweep.sweep.worker import train_worker
 
     trial = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
     spec = trial_from_dict(trial)
+    run_dir = str(Path(config["storage_path"]) / spec.key.replace("/", "__"))
     r = spec.resources
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": trial,
-                           "tracking": {**config["tracking"],
-                                        "run_dir": str(Path(config["storage_path"]) / spec.key.replace("/", "__"))},
+                           "tracking": {**config["tracking"], "run_dir": run_dir},
                            "threads": max(1, int(r.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
@@ -102,13 +103,35 @@ def train_trial(config: dict, specs: dict) -> None:
             failure_config=FailureConfig(max_failures=config["max_failures"]),
         ),
     )
-    trainer.fit()
+    try:
+        check_writable(run_dir)  # before Ray Train's own storage check, whose error names only a marker file
+        trainer.fit()
+    except Exception as exc:
+        # the storage may have failed where the worker could not see it (Ray Train's controller
+        # writing its record): one clear error, and the trial's run marked failed
+        try:
+            check_writable(run_dir)
+        except OSError as cause:
+            error = storage_error(spec.key, run_dir, cause)
+            fail_open_run(config["tracking"]["uri"], spec, str(error))
+            raise error from exc
+        raise
+
+
+def fail_open_run(uri: str, spec: TrialSpec, reason: str) -> None:
+    """Best effort: the trial's MLflow run, if still tagged running, ends as failed with the reason."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        tracking.end_open_runs(client, tracking.get_or_create_experiment(client, spec.experiment), spec.key,
+                               "failed", {"stop_reason": reason})
+    except Exception as exc:  # the trial's error carries the reason anyway
+        log.warning("could not mark %s failed in MLflow: %s", spec.key, exc)
 
 
 def trial_name(trial) -> str:
     """Tune's table and directories show the trial key (slashes are path separators there)."""
-    from helix_sweep.sweep.search import sample_key
-
     return sample_key(trial.config["trial_key"], trial.config).replace("/", "__")
 
 
@@ -282,22 +305,26 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
     table = results_table(client, experiment_id, trials)
     write_results(exp_dir, table)
     print(format_table(table))
+    for result in grid:
+        if result.error is not None:
+            print(f"errored: {sample_key(result.config['trial_key'], result.config)}: {error_summary(result.error)}")
     print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
     return 1 if errors else 0
 
 
+def error_summary(error: BaseException) -> str:
+    """The root exception's line out of Ray's wrapped worker traceback (ours, not Ray's wrapper)."""
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln) and not ln.startswith("ray.")]
+    return (raised or [ln for ln in lines if ln] or [repr(error)])[-1][:1000]
+
+
 def close_stopped_runs(client, experiment_id: str, grid) -> None:
     """Trials the scheduler (ASHA) stopped early: their MLflow runs end with status stopped."""
-    from helix_sweep.sweep.search import sample_key
-
     for result in grid:
-        if result.error is not None or (result.metrics or {}).get("trial_status") != "running":
-            continue
-        key = sample_key(result.config["trial_key"], result.config)
-        for run in client.search_runs([experiment_id], filter_string=f"tags.trial_key = '{key}'"):
-            if run.data.tags.get("status") == "running":
-                client.set_tag(run.info.run_id, "status", "stopped")
-                client.set_terminated(run.info.run_id, "KILLED")
+        if result.error is None and (result.metrics or {}).get("trial_status") == "running":
+            tracking.end_open_runs(client, experiment_id, sample_key(result.config["trial_key"], result.config),
+                                   "stopped")
 
 
 def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[dict]:

@@ -471,6 +471,22 @@ def trial_runs(client: MlflowClient, experiment_id: str) -> list:
     return latest_per_trial(_search_all(client, experiment_id, "tags.kind = 'trial'"))
 
 
+def end_open_runs(client: MlflowClient, experiment_id: str, trial_key: str, status: str,
+                  tags: dict[str, str] | None = None) -> int:
+    """End a trial's runs still tagged running with `status` (a stop or failure seen outside its
+    worker: ASHA's stop, a storage failure before the worker started). Returns how many."""
+    from mlflow.entities import RunTag
+
+    ended = 0
+    for run in _search_all(client, experiment_id, f"tags.trial_key = {_q(trial_key)}"):
+        if run.data.tags.get("status") != "running":
+            continue
+        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in {"status": status, **(tags or {})}.items()])
+        client.set_terminated(run.info.run_id, "KILLED" if status == "stopped" else "FAILED")
+        ended += 1
+    return ended
+
+
 def parent_runs(client: MlflowClient, experiment_id: str) -> list:
     return _search_all(client, experiment_id, "tags.kind = 'parent'")
 

@@ -153,12 +153,12 @@ class TrialRun:
         self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
         return self.logged
 
-    def log_epochs(self, history: list[dict], skip: set[int] | None = None) -> None:
+    def log_epochs(self, history: list[dict]) -> None:
         """Queue one batch of metrics per epoch (step = epoch) not already in the run: an epoch
         retrained after a restart keeps its first logged figures, so the curve has no duplicates."""
         for entry in history:
             epoch = int(entry["epoch"])
-            if epoch in self.logged or (skip and epoch in skip):
+            if epoch in self.logged:
                 continue
             self.logged.add(epoch)
             ts = int(entry.get("_ts", time.time() * 1000))

@@ -4,14 +4,23 @@ and logs to the trial's single MLflow run from rank 0.
 Order per epoch: write the checkpoint (atomically, into a temp dir) -> ray.train.report, which
 persists it to the run's storage -> only then log the epoch's metrics. A kill between the two
 loses no metrics: the checkpoint's history holds them and the next start logs what is missing.
+The final epoch reports twice: its checkpoint first (without the scheduler's time attribute, so
+ASHA cannot stop the trial there), then, once the MLflow run is closed, its full result.
+
+Storage: Ray keeps the newest `keep_checkpoints` it registered; this worker also keeps a copy of
+the best epoch's state in best/ and prunes what Ray's record no longer lists (checkpoints from
+before a restart). An unwritable or full storage stops the trial with CheckpointStorageError,
+naming the directory and the intact checkpoint a rerun resumes from.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +28,12 @@ import ray.train
 import torch
 
 from helix_sweep.config import TrialSpec, to_yaml, trial_from_dict
-from helix_sweep.training.checkpoint import Progress, load_state, save_state
+from helix_sweep.training import checkpoint as ckpt
+from helix_sweep.training.checkpoint import CheckpointStorageError, Progress, save_state
 from helix_sweep.training.loop import run_training
 
 log = logging.getLogger(__name__)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 
 class RayMlflowReporter:
@@ -30,6 +41,7 @@ class RayMlflowReporter:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.spec, self.tracking = spec, tracking
+        self.run_dir = tracking.get("run_dir", "")
         self.run = None
         self.resumed = False
         self.best_model: Optional[dict] = None
@@ -39,20 +51,19 @@ class RayMlflowReporter:
         self.stop_reason = ""
 
     def load(self) -> Optional[dict]:
-        """The newest checkpoint: Ray's latest, or a newer one of ours in the run's storage directory.
+        """The newest readable checkpoint: ours in the run's storage directory, else Ray's latest.
 
         Ray registers a checkpoint in its snapshot after the upload; a controller lost with its node
         in between (seen with ray.cluster_utils.Cluster.remove_node) leaves the snapshot one behind
-        or empty, so the run directory is scanned too (local or mounted shared storage)."""
-        state = None
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                state = load_state(Path(d))
-        newer = latest_on_disk(self.tracking.get("run_dir", ""))
-        if newer is not None and (state is None or _step(newer) > state["progress"]["global_step"]):
-            log.warning("%s: resuming from %s, newer than Ray's latest registered checkpoint", self.spec.key, newer)
-            state = load_state(newer)
+        or empty, so the run directory is scanned (local or mounted shared storage). A checkpoint
+        that does not load (cut short by a full disk) is skipped for the one before it."""
+        found = ckpt.load_newest(ckpt.checkpoints_on_disk(self.run_dir), warn=log.warning)
+        state = found[1] if found else None
+        if state is None and (latest := ray.train.get_checkpoint()) is not None:
+            with latest.as_directory() as d:
+                state = ckpt.load_state(Path(d))
+        elif found:
+            log.info("%s: newest checkpoint %s", self.spec.key, found[0])
         self.resumed = state is not None
         return state
 
@@ -83,8 +94,13 @@ class RayMlflowReporter:
         tags = {"trial_key": s.key, "dataset": s.dataset, "variant": s.variant, "fold": s.fold_label}
         run_id = self.run.open(progress.run_id, tags, params, resumed=self.resumed)
         # deliver epochs a kill cut off between checkpoint commit and logging
-        self.run.log_epochs(progress.history, skip=self.run.logged_epochs())
+        self.run.logged_epochs()
+        self.run.log_epochs(progress.history)
         self.label_names = info["label_names"]
+        try:  # an unwritable storage fails a (re)start at once, not a checkpoint interval later
+            ckpt.check_writable(self.run_dir)
+        except OSError as exc:
+            raise self.storage_failure(exc, progress) from exc
         return run_id
 
     @staticmethod
@@ -97,24 +113,58 @@ class RayMlflowReporter:
 
     def commit(self, state: dict, metrics: Optional[dict], progress: Progress) -> None:
         self.reported = True
-        tune_metrics = self.tune_metrics(progress, metrics)
+        result = self.tune_metrics(progress, metrics)
+        final = progress.status != "running"
+        # the final checkpoint goes without "epoch": a scheduler (ASHA) acting on it could stop the
+        # trial, tearing this worker down before its MLflow run is closed
+        first = {k: v for k, v in result.items() if k != "epoch"} if final else result
         if self.rank != 0:
-            ray.train.report(tune_metrics, checkpoint=None)
-            return
+            ray.train.report(first, checkpoint=None)
+        else:
+            try:
+                self.persist(state, first, ckpt.checkpoint_name(progress.epoch, progress.global_step, final),
+                             best=bool(metrics and "confusion" in metrics))
+            except OSError as exc:
+                raise self.storage_failure(exc, progress) from exc
+            self.log(metrics, progress, state)
+            if final:
+                self.close(progress)
+        if final:
+            ray.train.report(result, checkpoint=None)
+
+    def persist(self, state: dict, result: dict, name: str, best: bool) -> None:
+        """Rank 0: save, report through Ray Train (which copies it into the run's storage), keep a
+        copy of a new best epoch's state, prune. Raises OSError when a write fails."""
         tmp = Path(tempfile.mkdtemp(prefix="helix-ckpt-"))
         try:
             save_state(state, tmp)
-            self.log(metrics, progress, state)
-            if progress.status != "running":
-                # the run's record is complete before Tune hears of the end: a scheduler's stop
-                # (ASHA stops every trial at max_t) may tear this worker down as soon as it reports
-                self.close(progress)
-            name = f"epoch{progress.epoch:04d}-step{progress.global_step:08d}" + (
-                "-final" if progress.status != "running" else "")
-            ray.train.report(tune_metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+            ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=name)
+            if best:
+                save_state(state, Path(self.run_dir) / ckpt.BEST_DIR)
+            self.prune()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def prune(self) -> None:
+        """Delete checkpoints beyond the newest keep_checkpoints that Ray's record does not list
+        (those it lists it prunes itself, and it refuses to restore a run missing one)."""
+        try:
+            snapshot = json.loads((Path(self.run_dir) / RAY_SNAPSHOT).read_text())
+            protected = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # no record yet, or a new format: keep all
+            log.debug("not pruning %s: %s", self.run_dir, exc)
+            return
+        for d in ckpt.prune(self.run_dir, self.spec.train.keep_checkpoints, protected):
+            log.info("%s: pruned checkpoint %s", self.spec.key, d.name)
+
+    def storage_failure(self, exc: BaseException, progress: Progress) -> CheckpointStorageError:
+        """Record the trial as failed with the reason (unless its run already closed as finished)."""
+        error = ckpt.storage_error(self.spec.key, self.run_dir, exc)
+        log.error("%s", error)
+        self.stop_reason = str(error)
+        self.close(replace(progress, status="failed"))
+        return error
 
     def log(self, metrics: Optional[dict], progress: Progress, state: dict) -> None:
         if self.run is None:
@@ -136,11 +186,11 @@ class RayMlflowReporter:
         self.close(progress)
 
     def close(self, progress: Progress) -> None:
-        """End the MLflow run with the trial's status, once (idempotent across the final commit and finish)."""
+        """End the MLflow run with the trial's status, once (the final commit or finish, whichever first)."""
         if self.rank != 0 or self.run is None or self.closed:
             return
         self.closed = True
-        if self.best_model is not None:
+        if self.best_model is not None and progress.status == "finished":
             self.run.log_model(self.best_model)
         self.run.log_config(to_yaml(self.spec))
         tags = {"stop_reason": self.stop_reason} if self.stop_reason else {}
@@ -154,19 +204,6 @@ class RayMlflowReporter:
                                               self.spec.variant)
         except Exception as exc:  # aggregates are recomputed by the next finishing fold or the report
             log.warning("parent aggregates of %s/%s not updated: %s", self.spec.dataset, self.spec.variant, exc)
-
-
-def _step(path: Path) -> int:
-    return int(path.name.split("-step")[1].split("-")[0])
-
-
-def latest_on_disk(run_dir: str) -> Optional[Path]:
-    """Our newest complete checkpoint directory (epochEEEE-stepSSSSSSSS[-final]/state.pt) in a run dir."""
-    root = Path(run_dir) if run_dir else None
-    if root is None or not root.is_dir():
-        return None
-    found = [d for d in root.glob("epoch*-step*") if (d / "state.pt").is_file()]
-    return max(found, key=lambda d: (_step(d), d.name.endswith("-final"))) if found else None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

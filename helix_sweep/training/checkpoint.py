@@ -96,3 +96,84 @@ def load_state(directory: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {directory}: no {STATE_FILE} in it")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# On-disk checkpoints of a trial's run directory: epochEEEE-stepSSSSSSSS[-final]/state.pt, plus best/
+BEST_DIR = "best"
+
+
+class CheckpointStorageError(RuntimeError):
+    """The checkpoint storage cannot be written (full, read-only, gone); earlier checkpoints are intact."""
+
+
+def checkpoint_name(epoch: int, step: int, final: bool) -> str:
+    return f"epoch{epoch:04d}-step{step:08d}" + ("-final" if final else "")
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name.split("-step")[1].split("-")[0])
+
+
+def checkpoints_on_disk(run_dir: str | Path) -> list[Path]:
+    """The run directory's checkpoints with a state file, newest first (a -final one before its twin)."""
+    root = Path(run_dir) if run_dir else None
+    if root is None or not root.is_dir():
+        return []
+    found = [d for d in root.glob("epoch*-step*") if (d / STATE_FILE).is_file()]
+    return sorted(found, key=lambda d: (step_of(d), d.name.endswith("-final")), reverse=True)
+
+
+def load_newest(candidates: list[Path], warn=None) -> tuple[Path, dict] | None:
+    """The first candidate that loads. A checkpoint cut short by a full disk (a truncated zip) is
+    skipped with a warning naming it, so a half-written checkpoint is never the one resumed from."""
+    for path in candidates:
+        try:
+            return path, load_state(path)
+        except Exception as exc:  # truncated or corrupt: fall back to the one before
+            if warn:
+                warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); trying an older one")
+    return None
+
+
+def to_prune(names: list[str], keep: int, protected: set[str]) -> list[str]:
+    """Checkpoint directories to delete: all but the newest `keep` by step and the protected ones
+    (those Ray's run snapshot still lists: deleting one would make Ray refuse to restore the run).
+    Pure, so the policy is tested without a file system."""
+    newest = sorted(names, key=lambda n: (step_of(Path(n)), n.endswith("-final")), reverse=True)[:max(keep, 1)]
+    return sorted(n for n in names if n not in newest and n not in protected)
+
+
+def prune(run_dir: str | Path, keep: int, protected: set[str]) -> list[Path]:
+    """Delete the run directory's checkpoints that `to_prune` selects (the best copy is never one)."""
+    import shutil
+
+    root = Path(run_dir)
+    names = [d.name for d in root.glob("epoch*-step*") if d.is_dir()]
+    doomed = [root / n for n in to_prune(names, keep, protected)]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed
+
+
+def storage_error(key: str, run_dir: str | Path, cause: BaseException) -> CheckpointStorageError:
+    """The one message for an unwritable storage: where, why, and what a rerun resumes from."""
+    intact = checkpoints_on_disk(run_dir)
+    return CheckpointStorageError(
+        f"{key}: checkpoint storage {run_dir} is not writable ({cause}); the previous checkpoint "
+        f"{intact[0] if intact else '(none yet)'} is intact. Free or fix the storage, then rerun the same "
+        "command: the trial resumes from it.")
+
+
+def check_writable(directory: str | Path) -> None:
+    """Write and remove a probe file (raises OSError), so an unwritable storage fails a (re)started
+    trial at once instead of after a checkpoint interval of training."""
+    if not directory:
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"helix")
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(probe)

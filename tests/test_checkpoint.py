@@ -1,0 +1,79 @@
+"""The checkpoint module on its own: atomic writes, a truncated checkpoint never resumed from,
+the keep-last-N pruning policy, and the storage writability probe."""
+
+import os
+
+import pytest
+import torch
+
+from helix_sweep.training.checkpoint import (BEST_DIR, CheckpointStorageError, check_writable, checkpoint_name,
+                                             checkpoints_on_disk, load_newest, load_state, prune, save_state,
+                                             storage_error, to_prune)
+
+
+def state(step: int) -> dict:
+    return {"model": {"w": torch.full((64, 64), float(step))}, "progress": {"global_step": step}}
+
+
+def test_save_is_atomic_and_loads_weights_only(tmp_path):
+    save_state(state(3), tmp_path / "a")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["state.pt"]  # no temp file left behind
+    assert load_state(tmp_path / "a")["progress"]["global_step"] == 3
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(tmp_path):
+    for step in (10, 20, 30):
+        save_state(state(step), tmp_path / checkpoint_name(1, step, final=False))
+    newest = tmp_path / checkpoint_name(1, 30, final=False) / "state.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a copy cut short by a full disk
+    warnings = []
+    path, loaded = load_newest(checkpoints_on_disk(tmp_path), warn=warnings.append)
+    assert path.name == checkpoint_name(1, 20, final=False) and loaded["progress"]["global_step"] == 20
+    assert len(warnings) == 1 and str(newest.parent) in warnings[0]
+
+
+def test_checkpoints_sort_newest_first_with_final_before_its_twin(tmp_path):
+    names = [checkpoint_name(1, 9, False), checkpoint_name(2, 18, False), checkpoint_name(2, 18, True),
+             checkpoint_name(1, 12, False)]
+    for n in names:
+        save_state(state(0), tmp_path / n)
+    (tmp_path / "epoch0003-step00000027").mkdir()  # no state file: not a checkpoint
+    assert [p.name for p in checkpoints_on_disk(tmp_path)] == [
+        "epoch0002-step00000018-final", "epoch0002-step00000018", "epoch0001-step00000012", "epoch0001-step00000009"]
+
+
+def test_prune_keeps_the_newest_and_what_ray_still_lists():
+    names = [checkpoint_name(e, s, False) for e, s in [(1, 10), (2, 20), (3, 30), (3, 35), (4, 40)]]
+    # from before a restart Ray lists 20 and 30 (its last two); the newest two are 35 and 40
+    assert to_prune(names, keep=2, protected={names[1], names[2]}) == [names[0]]
+    assert to_prune(names, keep=2, protected=set()) == names[:3]
+    assert to_prune(names, keep=10, protected=set()) == []
+
+
+def test_prune_deletes_on_disk_but_never_the_best_copy(tmp_path):
+    for step in (10, 20, 30):
+        save_state(state(step), tmp_path / checkpoint_name(1, step, final=False))
+    save_state(state(10), tmp_path / BEST_DIR)
+    removed = prune(tmp_path, keep=1, protected={checkpoint_name(1, 20, False)})
+    assert [p.name for p in removed] == [checkpoint_name(1, 10, False)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_DIR, checkpoint_name(1, 20, False),
+                                                          checkpoint_name(1, 30, False)]
+
+
+def test_check_writable_names_the_directory(tmp_path):
+    check_writable(tmp_path / "new" / "run")  # created when missing
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=str(blocker / "run")):
+        check_writable(blocker / "run")  # a path under a regular file: not writable, even for root
+    assert os.listdir(tmp_path / "new" / "run") == []
+
+
+def test_storage_error_names_the_directory_and_the_intact_checkpoint(tmp_path):
+    assert "the previous checkpoint (none yet)" in str(storage_error("k", tmp_path, OSError(30, "Read-only")))
+    save_state(state(10), tmp_path / checkpoint_name(1, 10, final=False))
+    error = storage_error("ds/v/1", tmp_path, OSError(28, "No space left on device"))
+    assert isinstance(error, CheckpointStorageError)
+    assert str(error).startswith(f"ds/v/1: checkpoint storage {tmp_path} is not writable ([Errno 28] No space")
+    assert f"the previous checkpoint {tmp_path / 'epoch0001-step00000010'} is intact" in str(error)
