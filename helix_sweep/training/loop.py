@@ -11,6 +11,7 @@ Legend: B batch, T samples, C classes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -187,7 +188,8 @@ def _fault(spec: TrialSpec, what: str) -> Optional[int]:
 
 
 def _inject(spec: TrialSpec, step: int, what: str) -> bool:
-    return _fault(spec, what) == step
+    at = _fault(spec, what)
+    return step in at if isinstance(at, (list, tuple)) else at == step
 
 
 def train_step(setup: Setup, spec: TrialSpec, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
@@ -207,16 +209,19 @@ def train_step(setup: Setup, spec: TrialSpec, x: torch.Tensor, y: torch.Tensor, 
         xs, ts = x[start:start + setup.micro_batch], target[start:start + setup.micro_batch]
         if _inject(spec, global_step, "oom_at_step"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)")
-        with _autocast(device, setup.amp_dtype):
-            logits = model(xs)  # (b, C)
-        loss = torch.sum(-ts * F.log_softmax(logits.float(), dim=-1), dim=-1).sum() / n  # mean over the full batch
-        nan_from = _fault(spec, "nan_from_step")
-        if _inject(spec, global_step, "nan_at_step") or (nan_from is not None and global_step >= nan_from):
-            loss = loss * float("nan")
-        if not torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            return float("nan"), 0.0
-        setup.scaler.scale(loss).backward()
+        # DDP all-reduces gradients in backward: only once per step, on the last micro-batch
+        last = start + setup.micro_batch >= n
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with _autocast(device, setup.amp_dtype):
+                logits = model(xs)  # (b, C)
+            loss = torch.sum(-ts * F.log_softmax(logits.float(), dim=-1), dim=-1).sum() / n  # mean over the batch
+            nan_from = _fault(spec, "nan_from_step")
+            if _inject(spec, global_step, "nan_at_step") or (nan_from is not None and global_step >= nan_from):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                return float("nan"), 0.0
+            setup.scaler.scale(loss).backward()
         loss_sum += loss.item() * n
         correct += (logits.argmax(-1) == y[start:start + setup.micro_batch]).sum().item()
     setup.scaler.unscale_(opt)
@@ -318,7 +323,8 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
             i = progress.step_in_epoch
             x, y = task.train.get_batch(order[i * per_rank_batch:(i + 1) * per_rank_batch].tolist())
             if _inject(spec, progress.global_step, "kill_at_step"):
-                _kill_once(_fault(spec, "kill_marker") or "")
+                marker = _fault(spec, "kill_marker")
+                _kill_once(f"{marker}.{progress.global_step}" if marker else "")
             if _fault(spec, "sleep_per_step"):
                 time.sleep(float(_fault(spec, "sleep_per_step")))
             loss_sum, correct = train_step(setup, spec, x, y, gen, task.num_classes, aug, progress.global_step)
@@ -396,7 +402,7 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def _kill_once(marker: str) -> None:
-    """Test hook: SIGKILL this worker the first time only (the marker file records that it happened)."""
+    """Test hook: SIGKILL this worker the first time only (the marker file, one per kill step, records it)."""
     if marker and os.path.exists(marker):
         return
     if marker:
