@@ -173,7 +173,9 @@ def test_killed_prepare_process_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (root / "esc50" / "prepared.json").exists(), "the kill should land mid-prepare"
-    done_before = {p.name: p.stat().st_mtime_ns for p in (root / "esc50" / "shards").glob("shard-*.arrow")}
+    # a shard is finished once its .json record exists; an .arrow without one was cut off and is rewritten
+    done_before = {p.with_suffix(".arrow").name: p.with_suffix(".arrow").stat().st_mtime_ns
+                   for p in (root / "esc50" / "shards").glob("shard-*.json")}
     assert done_before
     ddir = prepare("esc50", src, root, shard_clips=1, progress=False)
     assert len(manifest(ddir)) == 20
