@@ -237,7 +237,6 @@ def test_read_only_checkpoint_storage_fails_clearly_and_resumes_intact(workdir):
     assert len(checkpoints_on_disk(run_dir)) == 2 and (run_dir / BEST_DIR / "state.pt").is_file()
 
 
-@pytest.mark.slow
 def test_node_loss_trial_finishes_elsewhere(workdir):
     import psutil
     from ray.cluster_utils import Cluster
