@@ -84,11 +84,12 @@ def train_trial(config: dict, specs: dict) -> None:
 
     trial = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
     spec = trial_from_dict(trial)
-    run_dir = str(Path(config["storage_path"]) / spec.key.replace("/", "__"))
+    name = spec.key.replace("/", "__")
+    run_dir = str(Path(config["storage_path"]) / name)
     r = spec.resources
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    trainer = lambda: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": trial,
                            "tracking": {**config["tracking"], "run_dir": run_dir},
@@ -97,18 +98,17 @@ def train_trial(config: dict, specs: dict) -> None:
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
         torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
         run_config=RunConfig(
-            name=spec.key.replace("/", "__"), storage_path=config["storage_path"],  # same name: resumes
+            name=name, storage_path=config["storage_path"],  # same name: resumes
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config["max_failures"]),
         ),
     )
     try:
-        check_writable(run_dir)  # before Ray Train's own storage check, whose error names only a marker file
-        trainer.fit()
+        trainer().fit()
     except Exception as exc:
-        # the storage may have failed where the worker could not see it (Ray Train's controller
-        # writing its record): one clear error, and the trial's run marked failed
+        # the storage may have failed where the worker could not see it (Ray Train checking it or
+        # its controller writing its record): one clear error, and the trial's run marked failed
         try:
             check_writable(run_dir)
         except OSError as cause:
@@ -303,16 +303,15 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
         tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                            tune_config=tune.TuneConfig(**tune_config))
     grid = tuner.fit()
-    errors = [r.error for r in grid if r.error]
     close_stopped_runs(client, experiment_id, grid)
     table = results_table(client, experiment_id, trials)
     write_results(exp_dir, table)
     print(format_table(table))
-    for result in grid:
-        if result.error is not None:
-            print(f"errored: {sample_key(result.config['trial_key'], result.config)}: {error_summary(result.error)}")
+    errored = [r for r in grid if r.error is not None]
+    for result in errored:
+        print(f"errored: {sample_key(result.config['trial_key'], result.config)}: {error_summary(result.error)}")
     print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
-    return 1 if errors else 0
+    return 1 if errored else 0
 
 
 def error_summary(error: BaseException) -> str:

@@ -118,15 +118,16 @@ class RayMlflowReporter:
         # the final checkpoint goes without "epoch": a scheduler (ASHA) acting on it could stop the
         # trial, tearing this worker down before its MLflow run is closed
         first = {k: v for k, v in result.items() if k != "epoch"} if final else result
+        best = bool(metrics and "confusion" in metrics)  # evaluation returns a confusion matrix at a new best
         if self.rank != 0:
             ray.train.report(first, checkpoint=None)
         else:
             try:
                 self.persist(state, first, ckpt.checkpoint_name(progress.epoch, progress.global_step, final),
-                             best=bool(metrics and "confusion" in metrics))
+                             best=best)
             except OSError as exc:
                 raise self.storage_failure(exc, progress) from exc
-            self.log(metrics, progress, state)
+            self.log(metrics, progress, state, best)
             if final:
                 self.close(progress)
         if final:
@@ -166,14 +167,14 @@ class RayMlflowReporter:
         self.close(replace(progress, status="failed"))
         return error
 
-    def log(self, metrics: Optional[dict], progress: Progress, state: dict) -> None:
+    def log(self, metrics: Optional[dict], progress: Progress, state: dict, best: bool) -> None:
         if self.run is None:
             return
         if not metrics:
             self.run.buffer.flush()
             return
         self.run.log_epochs([dict(progress.history[-1])])
-        if "confusion" in metrics:  # a new best epoch
+        if best:
             self.run.log_artifacts(metrics["confusion"], self.label_names)
             if self.spec.train.log_model:
                 self.best_model = {k: v.detach().clone() for k, v in state["model"].items()}
