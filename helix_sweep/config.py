@@ -223,13 +223,17 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
 
 
 def parse_overrides(args: list[str]) -> DictConfig:
+    out = OmegaConf.create()
     for arg in args:
         if "=" not in arg or arg.startswith("="):
             raise ConfigError(f"argument {arg!r}: expected key=value (e.g. grid=smoke, train.epochs=3)")
-    try:
-        return OmegaConf.from_dotlist(list(args))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"command line: cannot parse overrides {args}: {exc}") from None
+        try:  # one argument at a time, so the error names the one at fault
+            out = OmegaConf.merge(out, OmegaConf.from_dotlist([arg]))
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"argument {arg!r}: cannot parse the value ({first}); lists look like "
+                              f"key=[a,b], strings with commas or brackets need quotes") from None
+    return out
 
 
 def load_config(overrides: list[str] | None = None) -> SweepConfig:
@@ -285,16 +289,77 @@ def check_config(cfg: SweepConfig) -> None:
         bad = [k for k in cfg.folds if k not in valid]
         if bad and folded:  # folds narrow folded datasets only; single-split ones ignore them
             raise ConfigError(f"folds: {bad} not valid for datasets {folded}; valid folds: {valid}")
-    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-                "resources.num_workers": cfg.resources.num_workers, "model.d_model": cfg.model.d_model}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value}: must be >= 1")
-    mb = cfg.train.micro_batch
-    if mb is not None and (mb < 1 or cfg.train.batch_size % mb):
-        raise ConfigError(f"train.micro_batch={mb}: must divide train.batch_size={cfg.train.batch_size}")
-    if not 0.0 <= cfg.train.val_fraction < 1.0:
-        raise ConfigError(f"train.val_fraction={cfg.train.val_fraction}: must be in [0, 1)")
+    if cfg.folds is not None and not cfg.folds:
+        raise ConfigError("folds=[]: names no fold, which would silently drop every folded dataset; "
+                          "omit folds= to run every fold, or name some, e.g. folds=[1,2]")
+    check_ranges(cfg)
+    check_model(cfg.model, "model")
+    check_train(cfg.train, "train")
+    check_resources(cfg.resources, "resources")
+
+
+# Lower bounds of numeric settings: (bound, inclusive). Ray reads max_failures=-1 as "retry forever",
+# and a negative lr or interval trains or checkpoints nonsense without failing, so each is checked here.
+RANGES = {
+    "max_failures": (0, True),
+    "search.num_samples": (0, True), "search.max_concurrent": (1, True), "search.grace_period": (1, True),
+    "search.reduction_factor": (2, True),
+    "model.d_model": (1, True), "model.d_state": (1, True), "model.d_conv": (1, True), "model.expand": (1, True),
+    "model.num_heads": (1, True),
+    "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.min_lr": (0, True),
+    "train.weight_decay": (0, True), "train.grad_clip": (0, False), "train.checkpoint_minutes": (0, False),
+    "train.keep_checkpoints": (1, True), "train.max_nonfinite_steps": (1, True),
+    "train.augment.time_shift_s": (0, True), "train.augment.gain_min": (0, True),
+    "train.augment.noise_std": (0, True), "train.augment.mixup_alpha": (0, True),
+    "resources.num_workers": (1, True), "resources.cpus_per_worker": (0, False),
+    "resources.gpus_per_worker": (0, False), "resources.gpu_memory_gb": (0, False),
+}
+
+
+def _check_bounds(obj: Any, section: str, where: str) -> None:
+    """The RANGES keys of `section` ("train", "model", ..., "" for the top level and search) on `obj`;
+    an error names the key as `where`.<rest>."""
+    for key, (low, inclusive) in RANGES.items():
+        head, _, rest = key.partition(".")
+        if (head if rest else "") != section:
+            continue
+        value = obj
+        for part in (rest or key).split("."):
+            value = getattr(value, part)
+        if value < low or (value == low and not inclusive):
+            name = f"{where}.{rest}" if where else key
+            raise ConfigError(f"{name}={value}: must be {'>=' if inclusive else '>'} {low}")
+
+
+def check_ranges(cfg: SweepConfig) -> None:
+    _check_bounds(cfg, "", "")
+    _check_bounds(cfg.search, "search", "search")
+
+
+def check_model(m: ModelConfig, where: str) -> None:
+    """Model values that would otherwise fail inside every worker."""
+    _check_bounds(m, "model", where)
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"{where}.num_heads={m.num_heads}: must divide {where}.d_model={m.d_model} "
+                          f"(each head gets d_model / num_heads channels)")
+
+
+def check_train(t: TrainConfig, where: str) -> None:
+    _check_bounds(t, "train", where)
+    if t.micro_batch is not None and (t.micro_batch < 1 or t.batch_size % t.micro_batch):
+        raise ConfigError(f"{where}.micro_batch={t.micro_batch}: must divide {where}.batch_size={t.batch_size}")
+    if not 0.0 <= t.val_fraction < 1.0:
+        raise ConfigError(f"{where}.val_fraction={t.val_fraction}: must be in [0, 1)")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"{where}.min_lr={t.min_lr}: must not exceed {where}.lr={t.lr}")
+    a = t.augment
+    if a.gain_min > a.gain_max:
+        raise ConfigError(f"{where}.augment.gain_min={a.gain_min} > {where}.augment.gain_max={a.gain_max}: "
+                          f"the gain is drawn from [gain_min, gain_max]")
+
+
+def check_resources(r: ResourceConfig, where: str) -> None:
+    _check_bounds(r, "resources", where)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -146,3 +146,26 @@ def run_cli_full(*args):
     """The real entry point, past the config checks (it may import Ray, but must not start trials)."""
     return subprocess.run([sys.executable, "-m", "helix_sweep.run", *args], capture_output=True, text=True,
                           timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["folds=[]"], "folds=[]"),
+    (["train.lr=-0.001"], "train.lr=-0.001: must be > 0"),
+    (["train.checkpoint_minutes=-1"], "train.checkpoint_minutes=-1.0: must be > 0"),
+    (["resources.gpus_per_worker=-1"], "resources.gpus_per_worker=-1.0: must be > 0"),
+    (["max_failures=-1"], "max_failures=-1: must be >= 0"),
+    (["search.num_samples=-1"], "search.num_samples=-1: must be >= 0"),
+    (["train.augment.gain_min=1.3"], "train.augment.gain_min=1.3 > train.augment.gain_max=1.2"),
+    (["model.num_heads=5"], "model.num_heads=5: must divide model.d_model=32"),
+    (["datasets=[esc50"], "argument 'datasets=[esc50': cannot parse"),
+])
+def test_bad_values_are_refused_naming_the_key(args, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(args)
+    assert needle in str(err.value)
+
+
+def test_bad_override_syntax_exits_2_without_a_traceback():
+    proc = run_cli("datasets=[esc50", "dry_run=true")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "datasets=[esc50" in proc.stderr

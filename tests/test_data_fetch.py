@@ -1,11 +1,14 @@
 """Download against a local HTTP server on 127.0.0.1: progress, Range resume, checksum, unpack."""
 
 import hashlib
+import subprocess
+import sys
 
 import pytest
 
 from data_fixtures import make_archive, make_esc50, range_server
 from helix_sweep.data.fetch import DownloadError, download
+from helix_sweep.data.layouts import PrepareError
 from helix_sweep.data.prepare import prepare
 
 
@@ -73,3 +76,28 @@ def test_prepare_from_url(tmp_path):
         assert server.requests[-1]["range"] == "bytes=5000-"
     assert (ddir / "download" / "master.zip").is_file()
     assert (ddir / "prepared.json").is_file()
+
+
+@pytest.mark.parametrize("name,payload,needle", [
+    ("ESC-50-master.tar.gz", b"\x00" * 4096, "not a gzip file"),
+    ("ESC-50-master.tgz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + b"\xff" * 4096, "zlib error"),
+    ("ESC-50-master.zip", b"PK\x03\x04 cut short", "BadZipFile"),
+])
+def test_a_corrupt_archive_is_named_with_the_readers_error(tmp_path, name, payload, needle):
+    src = tmp_path / name
+    src.write_bytes(payload)
+    with pytest.raises(PrepareError) as err:
+        prepare("esc50", src, tmp_path / "root", progress=False)
+    assert str(src) in str(err.value) and needle in str(err.value) and "corrupt" in str(err.value)
+    assert not (tmp_path / "root" / "esc50" / "prepared.json").exists()
+
+
+def test_shard_clips_below_one_is_refused(tmp_path):
+    src = make_esc50(tmp_path / "src", targets=(0,), folds=(1,), seconds=0.5)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"shard_clips={bad}"):
+            prepare("esc50", src, tmp_path / "root", shard_clips=bad, progress=False)
+    assert not (tmp_path / "root" / "esc50" / "prepared.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "helix_sweep.data", "prepare", "esc50", "--source", str(src),
+                           "--root", str(tmp_path / "root"), "--shard-clips", "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--shard-clips: -1: must be >= 1" in proc.stderr

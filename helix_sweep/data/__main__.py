@@ -11,6 +11,13 @@ from pathlib import Path
 from .layouts import REAL_DATASETS
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helix_sweep.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -20,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", required=True, help="data root; the result goes to <root>/<dataset>")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="raise: stop at the first bad file; skip: leave it out and list it in prepare_report.json")  # fmt: skip
-    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--workers", type=positive_int, default=1, help="decoding processes")
     p.add_argument("--checksum", help="expected 'sha256:<hex>' or 'md5:<hex>' of the archive")
-    p.add_argument("--shard-clips", type=int, help="clips per shard (default: about 64 MB per shard)")
+    p.add_argument("--shard-clips", type=positive_int, help="clips per shard (default: about 64 MB per shard)")
     s = sub.add_parser("synth", help="generate a built-in synthetic dataset now (open_task does it on first use)")
     s.add_argument("name", choices=("synth-textures", "synth-commands", "synth-speaker"))
     s.add_argument("--root", required=True)

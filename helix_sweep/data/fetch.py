@@ -104,6 +104,28 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))
 
 
+# archive suffix -> tarfile mode ("zip" for zip files)
+ARCHIVE_MODES = {".zip": "zip", ".tar": "r:", ".tar.gz": "r:gz", ".tgz": "r:gz", ".tar.bz2": "r:bz2",
+                 ".tbz2": "r:bz2", ".tar.xz": "r:xz", ".txz": "r:xz"}
+
+
+def archive_problem(path: Path) -> str | None:
+    """For a file named like an archive that does not open: the reader's own error; else None."""
+    name = Path(path).name.lower()
+    mode = next((m for suffix, m in ARCHIVE_MODES.items() if name.endswith(suffix)), None)
+    if mode is None:
+        return None
+    try:
+        if mode == "zip":
+            zipfile.ZipFile(path).close()
+        else:  # the mode its name promises, so the error is that reader's, not a list of four
+            with tarfile.open(path, mode) as t:
+                t.getmembers()
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def unpack(archive: Path, dest: Path) -> Path:
     """Unpack a zip/tar(.gz/.bz2/.xz) archive into `dest` once; an unchanged archive is not unpacked again.
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .audio import SAMPLE_RATE, AudioError, Decoded, decode_file
-from .fetch import download, file_digest, is_archive, parse_checksum, unpack
+from .fetch import archive_problem, download, file_digest, is_archive, parse_checksum, unpack
 from .layouts import REAL_DATASETS, PrepareError, Problems, SourceClip
 from .shards import write_shard
 
@@ -128,6 +128,8 @@ def build(
     shards_dir.mkdir(parents=True, exist_ok=True)
     write_json(state, {"fingerprint": fingerprint})
 
+    if shard_clips is not None and shard_clips < 1:
+        raise ValueError(f"shard_clips={shard_clips}: clips per shard must be >= 1")
     if shard_clips is None:
         per_clip = 2 * SAMPLE_RATE * (clip_seconds or 15.0)
         shard_clips = max(1, int(SHARD_BYTES // per_clip))
@@ -249,13 +251,19 @@ def resolve_source(dataset: str, source: str | Path, ddir: Path, checksum: str |
     path = Path(source)
     if path.is_dir():
         return path
+    if path.is_file() and (problem := archive_problem(path)):  # before is_archive: zeros pass as a tar
+        raise PrepareError(f"{source}: named like an archive but cannot be read ({problem}); "
+                           f"the file is corrupt or cut short: download it again")
     if is_archive(path):
         if checksum:
             algorithm, expected = parse_checksum(checksum)
             if file_digest(path, algorithm) != expected:
                 raise PrepareError(f"{path}: {algorithm} does not match {expected}")
         return unpack(path, ddir / "source")
+    if not path.exists():
+        raise PrepareError(f"{source}: does not exist (not a directory, a zip/tar archive or an http(s) URL)")
     raise PrepareError(f"{source}: not a directory, a zip/tar archive or an http(s) URL")
+
 
 
 def prepare(
