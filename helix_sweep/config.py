@@ -9,6 +9,7 @@ Imports nothing from the rest of the package.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -289,6 +290,9 @@ def check_config(cfg: SweepConfig) -> None:
         bad = [k for k in cfg.folds if k not in valid]
         if bad and folded:  # folds narrow folded datasets only; single-split ones ignore them
             raise ConfigError(f"folds: {bad} not valid for datasets {folded}; valid folds: {valid}")
+    if cfg.experiment is not None and not PLAIN_NAME.fullmatch(cfg.experiment):
+        raise ConfigError(f"experiment={cfg.experiment!r}: must be a plain name (letters, digits, '.', '_', '-', "
+                          f"not starting with '.'): it names a folder under <workdir>/experiments")
     if cfg.folds is not None and not cfg.folds:
         raise ConfigError("folds=[]: names no fold, which would silently drop every folded dataset; "
                           "omit folds= to run every fold, or name some, e.g. folds=[1,2]")
@@ -297,6 +301,8 @@ def check_config(cfg: SweepConfig) -> None:
     check_train(cfg.train, "train")
     check_resources(cfg.resources, "resources")
 
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # no path separators, no leading '.', so no '..'
 
 # Lower bounds of numeric settings: (bound, inclusive). Ray reads max_failures=-1 as "retry forever",
 # and a negative lr or interval trains or checkpoints nonsense without failing, so each is checked here.

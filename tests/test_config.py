@@ -158,6 +158,8 @@ def run_cli_full(*args):
     (["train.augment.gain_min=1.3"], "train.augment.gain_min=1.3 > train.augment.gain_max=1.2"),
     (["model.num_heads=5"], "model.num_heads=5: must divide model.d_model=32"),
     (["datasets=[esc50"], "argument 'datasets=[esc50': cannot parse"),
+    (["experiment=../x"], "must be a plain name"),
+    (["experiment=/abs/x"], "must be a plain name"),
 ])
 def test_bad_values_are_refused_naming_the_key(args, needle):
     with pytest.raises(ConfigError) as err:

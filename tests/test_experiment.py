@@ -1,0 +1,68 @@
+"""Run identity: resume= must name an experiment that exists; one live driver per experiment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helix_sweep.config import ConfigError
+from helix_sweep.sweep.experiment import LOCK_FILE, STALE_S, ExperimentLock, experiment_dir
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from helix_sweep.sweep.experiment import ExperimentLock
+with ExperimentLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_resume_must_name_an_existing_experiment(tmp_path):
+    (tmp_path / "experiments" / "helix-full").mkdir(parents=True)
+    (tmp_path / "experiments" / "helix-smoke").mkdir()
+    assert experiment_dir(tmp_path, "helix-smoke", None) == tmp_path / "experiments" / "helix-smoke"
+    assert experiment_dir(tmp_path, "helix-smoke", "helix-full") == tmp_path / "experiments" / "helix-full"
+    with pytest.raises(ConfigError) as err:
+        experiment_dir(tmp_path, "helix-smoke", "helix-fulll")
+    assert "resume=helix-fulll" in str(err.value) and "helix-full, helix-smoke" in str(err.value)
+    with pytest.raises(ConfigError, match="no such experiment folder"):
+        experiment_dir(tmp_path, "helix-smoke", str(tmp_path / "elsewhere" / "x"))
+
+
+def test_a_second_driver_is_refused_while_the_first_lives_and_admitted_once_it_is_killed(tmp_path):
+    exp = tmp_path / "experiments" / "helix-smoke"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(exp)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as err:
+            ExperimentLock(exp).acquire()
+        assert f"pid {holder.pid}" in str(err.value) and "live driver" in str(err.value)
+        assert json.loads((exp / LOCK_FILE).read_text())["pid"] == holder.pid  # untouched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with ExperimentLock(exp) as lock:  # the killed driver's lock is taken over
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not (exp / LOCK_FILE).exists()
+
+
+def test_a_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    lock_file = exp / LOCK_FILE
+    lock_file.write_text(json.dumps({"host": "head-that-died", "pid": 1, "start_time": "1", "since": "then"}))
+    with pytest.raises(ConfigError, match="host head-that-died"):
+        ExperimentLock(exp).acquire()
+    old = time.time() - STALE_S - 5
+    os.utime(lock_file, (old, old))
+    lock = ExperimentLock(exp)
+    lock.acquire()
+    try:
+        assert json.loads(lock_file.read_text())["host"] != "head-that-died"
+    finally:
+        lock.release()
