@@ -33,7 +33,7 @@ class ModelConfig:
     expand: int = 2  # d_inner = expand * d_model
     num_heads: int = 4  # attention heads
     attention_impl: str = "sdpa"  # sdpa | naive (materialises L x L weights, as the study did)
-    pos_encoding: str = "sinusoidal"  # sinusoidal | none (the spec names none; see README)
+    pos_encoding: str = "none"  # none (the paper's) | sinusoidal (an ablation, grid=positions; see README)
 
 
 @dataclass
@@ -179,6 +179,26 @@ def available_grids() -> list[str]:
     return sorted(p.stem for p in (SEARCH_SPACES / "grids").glob("*.yaml"))
 
 
+def grid_file(name: str) -> dict:
+    """A grid's own settings, without its `extends:` key."""
+    data = _read_yaml(SEARCH_SPACES / "grids" / f"{name}.yaml")
+    data.pop("extends", None)
+    return data
+
+
+def grid_chain(grid: str) -> list[str]:
+    """The grid and the grids it extends (`extends: NAME` at its top), base-most first."""
+    chain = [grid]
+    while (parent := _read_yaml(SEARCH_SPACES / "grids" / f"{chain[0]}.yaml").get("extends")) is not None:
+        if parent not in available_grids():
+            raise ConfigError(f"search_spaces/grids/{chain[0]}.yaml: extends unknown grid {parent!r}; "
+                              f"available grids: {', '.join(available_grids())}")
+        if parent in chain:
+            raise ConfigError(f"search_spaces/grids: grids extend each other in a loop: {' -> '.join([parent, *chain])}")
+        chain.insert(0, parent)
+    return chain
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -248,8 +268,8 @@ def load_config(overrides: list[str] | None = None) -> SweepConfig:
     cfg = _merge(cfg, {"variant_defs": _read_yaml(SEARCH_SPACES / "variants.yaml"),
                        "dataset_defs": _read_yaml(SEARCH_SPACES / "datasets.yaml")}, "search_spaces catalogs")
     cfg = _merge(cfg, _read_yaml(SEARCH_SPACES / "base.yaml"), "search_spaces/base.yaml")
-    grid_yaml = _read_yaml(SEARCH_SPACES / "grids" / f"{grid}.yaml")
-    cfg = _merge(cfg, grid_yaml, f"search_spaces/grids/{grid}.yaml")
+    for name in grid_chain(grid):
+        cfg = _merge(cfg, grid_file(name), f"search_spaces/grids/{name}.yaml")
     cfg = _merge(cfg, cli, "command line")
     for section in ("train", "model"):  # the command line beats a dataset's own overrides
         cfg[f"{section}_explicit"] = OmegaConf.to_container(cli).get(section) or {}

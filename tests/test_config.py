@@ -171,3 +171,31 @@ def test_bad_override_syntax_exits_2_without_a_traceback():
     proc = run_cli("datasets=[esc50", "dry_run=true")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "datasets=[esc50" in proc.stderr
+
+
+def test_study_grids_run_without_positions_and_grid_positions_is_the_ablation():
+    _, full = plan_trials(["grid=full"])
+    _, positions = plan_trials(["grid=positions"])
+    assert {t.model.pos_encoding for t in full} == {"none"}
+    for grid in ("placement", "ratio"):
+        assert {t.model.pos_encoding for t in plan_trials([f"grid={grid}"])[1]} == {"none"}
+    # the ablation is the same study, trial for trial, with sinusoidal positions
+    assert [t.key for t in positions] == [t.key for t in full]
+    assert {t.model.pos_encoding for t in positions} == {"sinusoidal"}
+    assert {t.experiment for t in positions} == {"helix-positions"}
+    assert [t.status for t in positions] == [t.status for t in full]
+
+
+def test_a_grid_that_extends_an_unknown_grid_is_refused(tmp_path, monkeypatch):
+    import helix_sweep.config as config
+
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "a.yaml").write_text("extends: b\n")
+    (grids / "b.yaml").write_text("extends: a\n")
+    (grids / "c.yaml").write_text("extends: nope\n")
+    monkeypatch.setattr(config, "SEARCH_SPACES", tmp_path)
+    with pytest.raises(ConfigError, match="loop"):
+        config.grid_chain("a")
+    with pytest.raises(ConfigError, match="extends unknown grid 'nope'"):
+        config.grid_chain("c")
