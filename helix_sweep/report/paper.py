@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from helix_sweep.sweep import schema as S
+
 
 @dataclass(frozen=True)
 class PaperResult:
     acc: float | None  # percent; None when the run did not finish (see status)
     std: float | None = None  # over folds, when the dataset has folds
     epochs: int | None = None  # epochs reached, where the paper says
-    status: str = "finished"  # or "oom"
+    status: str = S.FINISHED  # or S.OOM
 
 
 PAPER_RESULTS: dict[str, dict[str, PaperResult]] = {
@@ -29,7 +31,7 @@ PAPER_RESULTS: dict[str, dict[str, PaperResult]] = {
     },
     "voxpopuli": {
         "helix-raw": PaperResult(85.07), "mamba-raw": PaperResult(73.55),
-        "attention-raw": PaperResult(None, status="oom"),
+        "attention-raw": PaperResult(None, status=S.OOM),
     },
 }
 

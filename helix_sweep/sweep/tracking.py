@@ -15,8 +15,9 @@ Artifacts are proxied (`--serve-artifacts --artifacts-destination`): experiments
 needs no shared file system (with `--default-artifact-root <dir>` each client would write to that
 local path itself, which only works on the machine that holds it).
 
-Only the standard library (and filelock): the report's command line uses it without importing MLflow.
-What the runs hold: `schema`; reading and writing them: `runs` and `artifacts`.
+One concept, the tracking server as its clients see it (about 400 lines). Only the standard library
+and filelock: the report's command line uses it without importing MLflow. What the runs hold:
+`schema`; reading and writing them: `runs` and `artifacts`.
 
 Command line:  python -m helix_sweep.sweep.tracking start|stop|status [--workdir DIR] [--port P]
 """
