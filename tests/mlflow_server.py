@@ -33,7 +33,7 @@ class MlflowServer:
         """Create a fresh experiment; returns (name, experiment_id)."""
         from mlflow.tracking import MlflowClient
 
-        from helix_sweep.sweep.tracking import get_or_create_experiment
+        from helix_sweep.sweep.runs import get_or_create_experiment
 
         name = f"{prefix}-{next(_names)}"
         return name, get_or_create_experiment(MlflowClient(self.uri), name)
@@ -68,14 +68,16 @@ def log_trial(client, experiment_id: str, parent_id: str, dataset: str, variant:
     """
     from mlflow.entities import Metric, Param
 
+    from helix_sweep.sweep import schema as S
+
     key = f"{dataset}/{variant}/" + (f"fold{fold}" if str(fold).isdigit() else str(fold))
     frontend = variant.rsplit("-", 1)[1]
     run = client.create_run(experiment_id, run_name=key, tags={
-        "kind": "trial", "trial_key": key, "dataset": dataset, "variant": variant, "fold": str(fold),
-        "status": status, "resumes": "0", "hardware": "cpu", "mlflow.parentRunId": parent_id})
+        **S.trial_tags(key, dataset, variant, fold), S.STATUS: status, S.RESUMES: "0", S.HARDWARE: "cpu",
+        S.PARENT_RUN_ID: parent_id})
     tokens = tokens if tokens is not None else TOKENS[frontend].get(dataset, 100)
-    params = {"variant": variant, "frontend": frontend, "dataset": dataset, "fold": str(fold),
-              "tokens_per_clip": str(tokens), "pool_tokens": "100" if "concat" in dataset else str(tokens),
+    params = {"variant": variant, S.FRONTEND: frontend, "dataset": dataset, "fold": str(fold),
+              S.TOKENS_PER_CLIP: str(tokens), S.POOL_TOKENS: "100" if "concat" in dataset else str(tokens),
               "lr": "0.0003", "epochs": str(len(test_acc)), "seed": "0"}
     metrics, t = [], 1_700_000_000_000
     best, best_val, at_val = -1.0, -1.0, None
@@ -89,11 +91,11 @@ def log_trial(client, experiment_id: str, parent_id: str, dataset: str, variant:
                 best_val, at_val = val_acc[e - 1], acc
             row.update(val_loss=1.0 / e, val_acc=val_acc[e - 1], test_acc_at_best_val=at_val)
         metrics += [Metric(k, float(v), t + e, e) for k, v in row.items()]
-    if status == "finished":
-        metrics.append(Metric("epochs_done", float(len(test_acc)), t + len(test_acc), len(test_acc)))
+    if status == S.FINISHED:
+        metrics.append(Metric(S.EPOCHS_DONE, float(len(test_acc)), t + len(test_acc), len(test_acc)))
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
-    if status != "running":
-        client.set_terminated(run.info.run_id, "FINISHED" if status == "finished" else "FAILED")
+    if status != S.RUNNING:
+        client.set_terminated(run.info.run_id, "FINISHED" if status == S.FINISHED else "FAILED")
     return run.info.run_id
 
 
@@ -114,7 +116,7 @@ def log_fake_sweep(client, name: str) -> FakeSweep:
     numbers), four variants, finished trials plus pending, running, oom, planned_oom and diverged ones."""
     import numpy as np
 
-    from helix_sweep.sweep.tracking import get_or_create_experiment, get_or_create_parent_run, update_parent_aggregates
+    from helix_sweep.sweep.runs import get_or_create_experiment, get_or_create_parent_run, update_parent_aggregates
 
     eid = get_or_create_experiment(client, name, tags={"grid": "fake"})
     rng = np.random.default_rng(0)

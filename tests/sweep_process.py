@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from helix_sweep.sweep import schema as S
+
 
 def env_for(workdir: Path) -> dict:
     # Ray Train's controller polls its workers every 2 s and a report waits for the poll: with
@@ -53,7 +55,7 @@ def trial_runs(workdir: Path) -> list:
     if not exps:
         return []
     return [r for r in client.search_runs([exps[0].experiment_id], max_results=1000)
-            if r.data.tags.get("kind") == "trial"]
+            if r.data.tags.get(S.KIND) == S.KIND_TRIAL]
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 2.0):

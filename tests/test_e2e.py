@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from helix_sweep.config import load_config
 from helix_sweep.models.frontends import num_tokens
+from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.tracking import stop_tracking_server
 from test_report_browser import browser  # noqa: F401  (fixture: headless chromium)
 
@@ -41,7 +42,8 @@ def trial_runs(uri):
     exps = [e for e in client.search_experiments() if e.name.startswith("helix-smoke-")]
     assert len(exps) == 1, [e.name for e in exps]
     runs = client.search_runs([exps[0].experiment_id])
-    return client, [r for r in runs if r.data.tags.get("kind") == "trial"], [r for r in runs if r.data.tags.get("kind") == "parent"]
+    return (client, [r for r in runs if r.data.tags.get(S.KIND) == S.KIND_TRIAL],
+            [r for r in runs if r.data.tags.get(S.KIND) == S.KIND_PARENT])
 
 
 def test_two_trial_sweep_lands_in_mlflow(sweep):
@@ -92,7 +94,7 @@ def test_changed_settings_refuse_to_continue(sweep):
 
 def test_report_and_mlflow_ui_of_the_real_sweep(sweep, browser, tmp_path):
     """The report regenerated from this real sweep's runs, and both seen in headless chromium."""
-    from helix_sweep.report import pct
+    from helix_sweep.report.tables import pct
 
     workdir, _, uri = sweep
     out = tmp_path / "dashboards"

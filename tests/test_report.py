@@ -11,9 +11,12 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helix_sweep import report
-from helix_sweep.report import PAPER_RESULTS, load_sweep, pct, study_tables, write_report
-from helix_sweep.sweep.tracking import get_or_create_parent_run, update_parent_aggregates
+from helix_sweep.report.__main__ import main as report_main
+from helix_sweep.report.loading import load_sweep
+from helix_sweep.report.page import write_report
+from helix_sweep.report.paper import PAPER_RESULTS
+from helix_sweep.report.tables import paper_text, pct, study_tables
+from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
 from mlflow_server import log_fake_sweep, log_trial, mlflow_server  # noqa: F401  (fixture)
 
 
@@ -108,9 +111,9 @@ def test_paper_numbers_beside_ours(fake, tables):
     assert t.column("fold 3")["helix-raw"] == "pending"
     assert t.column("mean ± std")["attention-raw"] == "pending" and t.column("Δ vs paper")["attention-raw"] == ""
     assert PAPER_RESULTS["speechcommands"]["helix-raw"].acc == 92.94
-    assert report.paper_text("speechcommands", "mamba-mel") == "92.36 (86 ep)"
-    assert report.paper_text("speechcommands-concat", "helix-raw") == "91.31 (24 ep)"
-    assert report.paper_text("voxpopuli", "attention-raw") == "OOM"
+    assert paper_text("speechcommands", "mamba-mel") == "92.36 (86 ep)"
+    assert paper_text("speechcommands-concat", "helix-raw") == "91.31 (24 ep)"
+    assert paper_text("voxpopuli", "attention-raw") == "OOM"
 
 
 def test_single_split_table_with_validation(fake, tables):
@@ -200,6 +203,6 @@ def test_cli_writes_dashboard(mlflow_server, fake, tmp_path):
 
 def test_cli_errors_name_the_problem(mlflow_server):
     with pytest.raises(SystemExit, match="expected key=value with key one of experiment"):
-        report.main(["experimnt=x"])
+        report_main(["experimnt=x"])
     with pytest.raises(SystemExit, match="experiment='nope' not found.*helix-fake-report"):
-        report.main(["experiment=nope", f"tracking_uri={mlflow_server.uri}"])
+        report_main(["experiment=nope", f"tracking_uri={mlflow_server.uri}"])

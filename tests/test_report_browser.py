@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helix_sweep.report import load_sweep, pct, write_report
-from helix_sweep.sweep.tracking import get_or_create_parent_run, update_parent_aggregates
+from helix_sweep.report.loading import load_sweep
+from helix_sweep.report.page import write_report
+from helix_sweep.report.tables import pct
+from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
 from mlflow_server import log_trial, mlflow_server  # noqa: F401  (fixture)
 
 CHROMIUM = os.environ.get("HELIX_CHROMIUM", "/usr/bin/chromium")

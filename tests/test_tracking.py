@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from helix_sweep.sweep import schema as S
 from helix_sweep.sweep import tracking
+from helix_sweep.sweep.artifacts import log_confusion_artifacts
+from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
 from helix_sweep.sweep.tracking import (
     TrackingUnavailable,
     check_tracking_reachable,
     ensure_tracking_server,
-    get_or_create_parent_run,
-    log_confusion_artifacts,
     stop_tracking_server,
-    update_parent_aggregates,
 )
 from mlflow_server import mlflow_server  # noqa: F401  (session fixture: a real server)
 
@@ -139,8 +139,7 @@ def test_file_store_must_be_writable(tmp_path):
 def _trial(client, eid, parent, dataset, variant, fold, status, best=None, at_val=None):
     key = f"{dataset}/{variant}/fold{fold}"
     run = client.create_run(eid, run_name=key, tags={
-        "kind": "trial", "trial_key": key, "dataset": dataset, "variant": variant, "fold": str(fold),
-        "status": status, "resumes": "0", "mlflow.parentRunId": parent})
+        **S.trial_tags(key, dataset, variant, fold), S.STATUS: status, S.RESUMES: "0", S.PARENT_RUN_ID: parent})
     if best is not None:
         client.log_metric(run.info.run_id, "best_test_acc", best, step=1)
     if at_val is not None:

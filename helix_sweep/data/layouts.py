@@ -116,68 +116,68 @@ def _int(row: dict, key: str, where: str, problems: Problems) -> int | None:
         return None
 
 
-def _labelled_row(
-    where: str,
-    row: dict,
-    fold_key: str,
-    num_folds: int,
-    label_key: str,
-    name_key: str,
-    classes: list[str],
-    audio: Path,
-    problems: Problems,
-) -> tuple[int, str] | None:
-    """Shared checks of ESC-50 / UrbanSound8K rows; (fold, label name) or None if skipped."""
-    fold, label = _int(row, fold_key, where, problems), _int(row, label_key, where, problems)
-    if fold is None or label is None:
-        return None
-    if not 1 <= fold <= num_folds:
-        problems.add(where, f"fold {fold} out of range 1..{num_folds}")
-        return None
-    if not 0 <= label < len(classes):
-        problems.add(where, f"label {label_key}={label} outside the class list (0..{len(classes) - 1})")
-        return None
-    if row[name_key] != classes[label]:
-        problems.add(where, f"{name_key}={row[name_key]!r} does not match {label_key}={label} ({classes[label]!r})")
-        return None
-    if not audio.is_file():
-        problems.add(where, f"names a missing file {audio}")
-        return None
-    return fold, classes[label]
+@dataclass(frozen=True)
+class FoldedCsvLayout:
+    """A dataset described by one metadata CSV with a row per clip: file name, fold, label id and
+    label name (ESC-50, UrbanSound8K). Column names are the source's own."""
+
+    dataset: str  # the name in error messages
+    meta: str  # the metadata CSV, relative to the dataset root
+    file_key: str
+    fold_key: str
+    num_folds: int
+    label_key: str
+    name_key: str
+    classes: list[str]  # label order
+    audio_dir: Callable[[dict], str]  # row -> folder of its audio file, relative to the dataset root
+    speaker_key: str | None = None
+
+
+def read_folded_csv(source: Path, layout: FoldedCsvLayout, problems: Problems) -> Listing:
+    """Check each row (integer fold in range, label id in the class list and matching its name, audio
+    file present) and list the clips; split "all", since these datasets are split by fold."""
+    root = find_root(source, layout.meta, layout.dataset)
+    meta = root / layout.meta
+    required = [layout.file_key] + ([layout.speaker_key] if layout.speaker_key else [])
+    rows = _read_csv(meta, required + [layout.fold_key, layout.label_key, layout.name_key])
+    classes, clips = layout.classes, []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{meta} line {i} ({row[layout.file_key]})"
+        rel = f"{layout.audio_dir(row)}/{row[layout.file_key]}"
+        fold, label = _int(row, layout.fold_key, where, problems), _int(row, layout.label_key, where, problems)
+        if fold is None or label is None:
+            continue
+        if not 1 <= fold <= layout.num_folds:
+            problems.add(where, f"fold {fold} out of range 1..{layout.num_folds}")
+        elif not 0 <= label < len(classes):
+            problems.add(where, f"label {layout.label_key}={label} outside the class list (0..{len(classes) - 1})")
+        elif row[layout.name_key] != classes[label]:
+            problems.add(where, f"{layout.name_key}={row[layout.name_key]!r} does not match "
+                                f"{layout.label_key}={label} ({classes[label]!r})")
+        elif not (root / rel).is_file():
+            problems.add(where, f"names a missing file {root / rel}")
+        else:
+            speaker = row[layout.speaker_key] if layout.speaker_key else None
+            clips.append(SourceClip(Path(row[layout.file_key]).stem, rel, classes[label], fold, "all", speaker))
+    return Listing(root, list(classes), clips, [layout.meta])
+
+
+ESC50_LAYOUT = FoldedCsvLayout(
+    "ESC-50", "meta/esc50.csv", "filename", "fold", 5, "target", "category", ESC50_CLASSES,
+    audio_dir=lambda row: "audio",
+)  # fmt: skip
+URBANSOUND8K_LAYOUT = FoldedCsvLayout(
+    "UrbanSound8K", "metadata/UrbanSound8K.csv", "slice_file_name", "fold", 10, "classID", "class",
+    URBANSOUND8K_CLASSES, audio_dir=lambda row: f"audio/fold{row['fold']}", speaker_key="fsID",
+)  # fmt: skip
 
 
 def read_esc50(source: Path, problems: Problems) -> Listing:
-    root = find_root(source, "meta/esc50.csv", "ESC-50")
-    meta = root / "meta/esc50.csv"
-    rows = _read_csv(meta, ["filename", "fold", "target", "category"])
-    clips = []
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
-        rel = f"audio/{row['filename']}"
-        checked = _labelled_row(
-            f"{meta} line {i} ({row['filename']})", row, "fold", 5, "target", "category",
-            ESC50_CLASSES, root / rel, problems,
-        )  # fmt: skip
-        if checked:
-            fold, name = checked
-            clips.append(SourceClip(Path(row["filename"]).stem, rel, name, fold, "all", None))
-    return Listing(root, list(ESC50_CLASSES), clips, ["meta/esc50.csv"])
+    return read_folded_csv(source, ESC50_LAYOUT, problems)
 
 
 def read_urbansound8k(source: Path, problems: Problems) -> Listing:
-    root = find_root(source, "metadata/UrbanSound8K.csv", "UrbanSound8K")
-    meta = root / "metadata/UrbanSound8K.csv"
-    rows = _read_csv(meta, ["slice_file_name", "fsID", "fold", "classID", "class"])
-    clips = []
-    for i, row in enumerate(rows, start=2):
-        rel = f"audio/fold{row['fold']}/{row['slice_file_name']}"
-        checked = _labelled_row(
-            f"{meta} line {i} ({row['slice_file_name']})", row, "fold", 10, "classID", "class",
-            URBANSOUND8K_CLASSES, root / rel, problems,
-        )  # fmt: skip
-        if checked:
-            fold, name = checked
-            clips.append(SourceClip(Path(row["slice_file_name"]).stem, rel, name, fold, "all", row["fsID"]))
-    return Listing(root, list(URBANSOUND8K_CLASSES), clips, ["metadata/UrbanSound8K.csv"])
+    return read_folded_csv(source, URBANSOUND8K_LAYOUT, problems)
 
 
 def read_speechcommands(source: Path, problems: Problems) -> Listing:

@@ -13,7 +13,6 @@ import csv
 import logging
 import os
 import re
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from helix_sweep.config import (
     ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_dict, to_yaml, trial_from_dict,
 )
 from helix_sweep.plan import order_longest_first
-from helix_sweep.sweep import tracking
+from helix_sweep.sweep import runs, tracking
+from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.grid import oom_reason, with_gpu_micro_batches
 from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
 from helix_sweep.training.checkpoint import check_writable, storage_error
@@ -124,8 +124,8 @@ def fail_open_run(uri: str, spec: TrialSpec, reason: str) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        tracking.end_open_runs(client, tracking.get_or_create_experiment(client, spec.experiment), spec.key,
-                               "failed", {"stop_reason": reason})
+        runs.end_open_runs(client, runs.get_or_create_experiment(client, spec.experiment), spec.key,
+                           S.FAILED, {S.STOP_REASON: reason})
     except Exception as exc:  # the trial's error carries the reason anyway
         log.warning("could not mark %s failed in MLflow: %s", spec.key, exc)
 
@@ -212,23 +212,16 @@ def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec], gpus: float | None
 def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> None:
     """Trials the plan marks infeasible get a run with status planned_oom and no GPU time."""
     for t in trials:
-        if t.status != "planned_oom":
+        if t.status != S.PLANNED_OOM or runs.find_trial_run(client, experiment_id, t.key) is not None:
             continue
-        found = client.search_runs([experiment_id], filter_string=f"tags.trial_key = '{t.key}'", max_results=1)
-        if found:
-            continue
-        parent = tracking.get_or_create_parent_run(client, experiment_id, t.dataset, t.variant)
-        run = client.create_run(experiment_id, run_name=t.key, tags={
-            "mlflow.parentRunId": parent, "kind": "trial", "trial_key": t.key, "dataset": t.dataset,
-            "variant": t.variant, "fold": t.fold_label, "status": "planned_oom", "resumes": "0",
-            "stop_reason": oom_reason(t)})
-        for k, v in {"variant": t.variant, "pattern": t.pattern, "frontend": t.frontend, "dataset": t.dataset,
-                     "fold": t.fold_label, "tokens_per_clip": t.tokens,
-                     "attention_impl": t.model.attention_impl, "gpu_memory_gb": t.resources.gpu_memory_gb,
-                     "num_workers": t.resources.num_workers}.items():
-            client.log_param(run.info.run_id, k, str(v))
-        client.set_terminated(run.info.run_id, "KILLED")
-        tracking.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
+        run = runs.create_trial_run(
+            client, experiment_id, t.key, t.dataset, t.variant, t.fold_label,
+            tags={S.STATUS: S.PLANNED_OOM, S.RESUMES: "0", S.STOP_REASON: oom_reason(t)},
+            params={"variant": t.variant, "pattern": t.pattern, S.FRONTEND: t.frontend, "dataset": t.dataset,
+                    "fold": t.fold_label, S.TOKENS_PER_CLIP: t.tokens, "attention_impl": t.model.attention_impl,
+                    "gpu_memory_gb": t.resources.gpu_memory_gb, "num_workers": t.resources.num_workers})
+        client.set_terminated(run.info.run_id, S.run_state(S.PLANNED_OOM))
+        runs.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
 
 
 def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
@@ -246,12 +239,12 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    experiment_id = tracking.get_or_create_experiment(client, name)
+    experiment_id = runs.get_or_create_experiment(client, name)
     folds: dict[tuple[str, str], list[str]] = {}
     for t in trials:  # every parent up front, so unstarted folds show as pending
         folds.setdefault((t.dataset, t.variant), []).append(t.fold_label)
     for (dataset, variant), planned in folds.items():
-        tracking.get_or_create_parent_run(client, experiment_id, dataset, variant, folds=planned)
+        runs.get_or_create_parent_run(client, experiment_id, dataset, variant, folds=planned)
     record_planned_oom(client, experiment_id, trials)
     runnable = [t for t in trials if t.status == "run"]
     if not runnable:
@@ -324,26 +317,24 @@ def error_summary(error: BaseException) -> str:
 def close_stopped_runs(client, experiment_id: str, grid) -> None:
     """Trials the scheduler (ASHA) stopped early: their MLflow runs end with status stopped."""
     for result in grid:
-        if result.error is None and (result.metrics or {}).get("trial_status") == "running":
-            tracking.end_open_runs(client, experiment_id, sample_key(result.config["trial_key"], result.config),
-                                   "stopped")
+        if result.error is None and (result.metrics or {}).get("trial_status") == S.RUNNING:
+            runs.end_open_runs(client, experiment_id, sample_key(result.config["trial_key"], result.config),
+                               S.STOPPED)
 
 
 def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[dict]:
     """Best test accuracy per (dataset, variant): mean +- std over folds, from the trials' runs."""
-    runs = {r.data.tags.get("trial_key"): r for r in tracking.trial_runs(client, experiment_id)}
+    by_key = {r.data.tags.get(S.TRIAL_KEY): r for r in runs.trial_runs(client, experiment_id)}
     cells: dict[tuple[str, str], list] = {}
     for t in trials:
-        cells.setdefault((t.dataset, t.variant), []).append(runs.get(t.key))
+        cells.setdefault((t.dataset, t.variant), []).append(by_key.get(t.key))
     rows = []
     for (dataset, variant), rs in cells.items():
-        done = [r for r in rs if r is not None and r.data.tags.get("status") == "finished"]
-        accs = [r.data.metrics.get("best_test_acc", 0.0) * 100 for r in done]
-        statuses = sorted({(r.data.tags.get("status") if r else "pending") for r in rs})
+        done = [r for r in rs if r is not None and r.data.tags.get(S.STATUS) == S.FINISHED]
+        mean, std = S.mean_std([r.data.metrics.get(S.BEST_TEST_ACC, 0.0) * 100 for r in done])
+        statuses = sorted({(r.data.tags.get(S.STATUS) if r else "pending") for r in rs})
         rows.append({"dataset": dataset, "variant": variant, "trials": len(rs), "finished": len(done),
-                     "best_test_acc_mean": statistics.mean(accs) if accs else None,
-                     "best_test_acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
-                     "status": "/".join(statuses)})
+                     "best_test_acc_mean": mean, "best_test_acc_std": std, "status": "/".join(statuses)})
     return rows
 
 

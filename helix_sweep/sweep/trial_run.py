@@ -14,26 +14,22 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 # Fail fast inside workers: MLflow's own retries back off for minutes, the buffer does the waiting.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from helix_sweep.sweep import tracking  # noqa: E402
+from helix_sweep.sweep import artifacts, runs  # noqa: E402
+from helix_sweep.sweep import schema as S  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "best_epoch", "lr",
-                 "epoch_seconds", "samples_per_s", "peak_mem_mb", "val_loss", "val_acc", "test_acc_at_best_val",
-                 "nonfinite_steps")
 
 
 def code_version() -> str:
@@ -115,29 +111,22 @@ class TrialRun:
 
     def open(self, run_id: str, tags: dict, params: dict, resumed: bool) -> str:
         """Reopen the trial's run (by id, else by tag) or create it; runs once per worker start."""
-        self.experiment_id = tracking.get_or_create_experiment(self.client, self.experiment)
-        run = None
+        self.experiment_id = runs.get_or_create_experiment(self.client, self.experiment)
         if run_id:
             run = self.client.get_run(run_id)
         else:
-            found = self.client.search_runs([self.experiment_id],
-                                            filter_string=f"tags.trial_key = '{self.trial_key}'",
-                                            order_by=["attributes.start_time DESC"], max_results=1)
-            run = found[0] if found else None
+            run = runs.find_trial_run(self.client, self.experiment_id, self.trial_key)
         if run is None:
-            parent = tracking.get_or_create_parent_run(self.client, self.experiment_id, tags["dataset"],
-                                                       tags["variant"])
-            run = self.client.create_run(self.experiment_id, run_name=self.trial_key,
-                                         tags={"mlflow.parentRunId": parent, "kind": "trial", **tags})
-            self.client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+            run = runs.create_trial_run(self.client, self.experiment_id, self.trial_key, tags[S.DATASET],
+                                        tags[S.VARIANT], tags[S.FOLD], params=params)
             resumes = 0
         else:
-            resumes = int(run.data.tags.get("resumes", "0")) + (1 if resumed else 0)
+            resumes = int(run.data.tags.get(S.RESUMES, "0")) + (1 if resumed else 0)
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, tags=[RunTag("resumes", str(resumes)), RunTag("status", "running"),
-                                                 RunTag("hardware", hardware())])
+        self.client.log_batch(self.run_id, tags=[RunTag(S.RESUMES, str(resumes)), RunTag(S.STATUS, S.RUNNING),
+                                                 RunTag(S.HARDWARE, hardware())])
         return self.run_id
 
     def is_closed(self, run_id: str, status: str) -> bool:
@@ -147,10 +136,10 @@ class TrialRun:
         except Exception:
             return False
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
-        return run.data.tags.get("status") == status and run.info.status != "RUNNING"
+        return run.data.tags.get(S.STATUS) == status and run.info.status != "RUNNING"
 
     def logged_epochs(self) -> set[int]:
-        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "test_acc")}
+        self.logged = {m.step for m in self.client.get_metric_history(self.run_id, S.TEST_ACC)}
         return self.logged
 
     def log_epochs(self, history: list[dict]) -> None:
@@ -162,38 +151,27 @@ class TrialRun:
                 continue
             self.logged.add(epoch)
             ts = int(entry.get("_ts", time.time() * 1000))
-            metrics = [Metric(k, float(entry[k]), ts, epoch) for k in EPOCH_METRICS if k in entry]
+            metrics = [Metric(k, float(entry[k]), ts, epoch) for k in S.EPOCH_METRICS if k in entry]
             self.buffer.add(f"epoch {epoch}", lambda m=metrics: self.client.log_batch(self.run_id, metrics=m))
 
     def log_artifacts(self, confusion, label_names: list[str]) -> None:
         import numpy as np
 
         def call():
-            tracking.log_confusion_artifacts(self.client, self.run_id, np.asarray(confusion), label_names)
+            artifacts.log_confusion_artifacts(self.client, self.run_id, np.asarray(confusion), label_names)
         self.buffer.add("confusion matrix", call)
 
     def log_config(self, config_yaml: str) -> None:
-        self.buffer.add("config", lambda: tracking.log_config_artifact(self.client, self.run_id, config_yaml))
+        self.buffer.add("config", lambda: artifacts.log_config_artifact(self.client, self.run_id, config_yaml))
 
     def log_model(self, state_dict: dict) -> None:
-        def call():
-            import torch
-
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state_dict, Path(d) / "best_model.pt")
-                self.client.log_artifact(self.run_id, str(Path(d) / "best_model.pt"))
-        self.buffer.add("best model", call)
+        self.buffer.add("best model", lambda: artifacts.log_model_artifact(self.client, self.run_id, state_dict))
 
     def close(self, status: str, extra_tags: dict, final_metrics: dict, wait_s: float) -> None:
-        tags = [RunTag("status", status)] + [RunTag(k, _param(v)) for k, v in extra_tags.items()]
-        mlflow_status = {"finished": "FINISHED", "oom": "FAILED", "diverged": "FAILED"}.get(status, "FAILED")
+        tags = [RunTag(S.STATUS, status)] + [RunTag(k, S.param_value(v)) for k, v in extra_tags.items()]
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(v), ts, 0) for k, v in final_metrics.items()]
         self.buffer.add("final tags", lambda: self.client.log_batch(self.run_id, metrics=metrics, tags=tags))
-        self.buffer.add("end run", lambda: self.client.set_terminated(self.run_id, mlflow_status))
+        self.buffer.add("end run", lambda: self.client.set_terminated(self.run_id, S.run_state(status)))
         self.buffer.drain(wait_s)
 
-
-def _param(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text[:6000]  # MLflow's param value limit

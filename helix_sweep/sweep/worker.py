@@ -28,6 +28,7 @@ import ray.train
 import torch
 
 from helix_sweep.config import TrialSpec, to_yaml, trial_from_dict
+from helix_sweep.sweep import schema as S
 from helix_sweep.training import checkpoint as ckpt
 from helix_sweep.training.checkpoint import CheckpointStorageError, Progress, save_state
 from helix_sweep.training.loop import run_training
@@ -76,11 +77,11 @@ class RayMlflowReporter:
         self.run = TrialRun(self.tracking["uri"], s.experiment, s.key)
         params = {  # the train settings first: the resolved micro_batch / grad_accum below win
             **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
-            "variant": s.variant, "frontend": s.frontend, "pattern": s.pattern,
+            "variant": s.variant, S.FRONTEND: s.frontend, "pattern": s.pattern,
             "attention_positions": [i for i, c in enumerate(s.pattern) if c == "A"], "dataset": s.dataset,
             "fold": s.fold_label, "n_params": info["n_params"], "n_params_per_layer": info["n_params_per_layer"],
             "d_model": s.model.d_model, "d_state": s.model.d_state, "d_ffn": info["d_ffn"],
-            "tokens_per_clip": info["tokens_per_clip"], "pool_tokens": s.pool_tokens or "all",
+            S.TOKENS_PER_CLIP: info["tokens_per_clip"], S.POOL_TOKENS: s.pool_tokens or "all",
             "micro_batch": info["micro_batch"], "grad_accum": info["grad_accum"],
             "attention_impl": s.model.attention_impl, "num_workers": self.world_size,
             "git_sha": code_version(), "versions": package_versions(), "n_train": info["task"].get("n_train"),
@@ -91,7 +92,7 @@ class RayMlflowReporter:
             # nothing to train and nothing to log
             self.closed = True
             return progress.run_id
-        tags = {"trial_key": s.key, "dataset": s.dataset, "variant": s.variant, "fold": s.fold_label}
+        tags = S.trial_tags(s.key, s.dataset, s.variant, s.fold_label)
         run_id = self.run.open(progress.run_id, tags, params, resumed=self.resumed)
         # deliver epochs a kill cut off between checkpoint commit and logging
         self.run.logged_epochs()
@@ -191,18 +192,18 @@ class RayMlflowReporter:
         if self.rank != 0 or self.run is None or self.closed:
             return
         self.closed = True
-        if self.best_model is not None and progress.status == "finished":
+        if self.best_model is not None and progress.status == S.FINISHED:
             self.run.log_model(self.best_model)
         self.run.log_config(to_yaml(self.spec))
-        tags = {"stop_reason": self.stop_reason} if self.stop_reason else {}
-        self.run.close(progress.status, tags, {"epochs_done": progress.epoch,
-                                               "best_test_acc_final": max(progress.best_test_acc, 0.0)},
+        tags = {S.STOP_REASON: self.stop_reason} if self.stop_reason else {}
+        self.run.close(progress.status, tags, {S.EPOCHS_DONE: progress.epoch,
+                                               S.BEST_TEST_ACC_FINAL: max(progress.best_test_acc, 0.0)},
                        wait_s=float(self.tracking.get("finish_wait_s", 600)))
         try:
-            from helix_sweep.sweep import tracking
+            from helix_sweep.sweep import runs
 
-            tracking.update_parent_aggregates(self.run.client, self.run.experiment_id, self.spec.dataset,
-                                              self.spec.variant)
+            runs.update_parent_aggregates(self.run.client, self.run.experiment_id, self.spec.dataset,
+                                          self.spec.variant)
         except Exception as exc:  # aggregates are recomputed by the next finishing fold or the report
             log.warning("parent aggregates of %s/%s not updated: %s", self.spec.dataset, self.spec.variant, exc)
 

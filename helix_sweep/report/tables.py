@@ -1,0 +1,284 @@
+"""The study's tables from a Sweep: fold tables (ESC-50 style), single-split tables (Speech
+Commands style, also long-memory and speaker ID), the feasibility table; each as markdown and HTML,
+beside the paper's numbers. Pure functions of the Sweep."""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from helix_sweep.report.paper import PAPER_FEASIBILITY, PAPER_RESULTS, dataset_title, paper_key
+from helix_sweep.report.results import Cell, Sweep, Trial, split_variant
+from helix_sweep.sweep import schema as S
+
+log = logging.getLogger(__name__)
+
+# How a status tag reads in a table cell.
+STATUS_TEXT = {S.FINISHED: "done", S.RUNNING: "running", S.OOM: "OOM", S.PLANNED_OOM: "planned OOM",
+               S.DIVERGED: "diverged", S.FAILED: "failed", None: "pending"}
+
+
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def pm(mean: float | None, std: float | None) -> str:
+    """'55.10 ± 3.33' in percent from fractions (no ± part for a single value)."""
+    if mean is None:
+        return ""
+    return pct(mean) if std is None else f"{pct(mean)} ± {pct(std)}"
+
+
+def trial_text(t: Trial | None) -> str:
+    """A fold cell: the best test accuracy of a finished trial, otherwise its status."""
+    if t is None:
+        return "pending"
+    if t.status == S.FINISHED and t.best is not None:
+        return pct(t.best)
+    text = STATUS_TEXT.get(t.status, t.status or "pending")
+    if t.status == S.RUNNING and t.epochs:
+        text += f" (ep {t.epochs})"
+    return text
+
+
+def cell_summary(cell: Cell) -> str:
+    """The aggregate cell: mean ± std over finished folds, or why there is none yet."""
+    counts = cell.statuses()
+    n, k = len(cell.finished), len(cell.folds)
+    if n:
+        text = pm(*cell.best_mean_std())
+        return text if n == k else f"{text} ({n}/{k} folds)"
+    terminal = [s for s in counts if s not in (S.RUNNING, None)]
+    if len(counts) == 1 and terminal:
+        return STATUS_TEXT.get(terminal[0], terminal[0])
+    if counts.get(S.RUNNING):
+        return "running"
+    return ", ".join(f"{STATUS_TEXT.get(s, s)} {c}" for s, c in counts.items()) if terminal else "pending"
+
+
+def paper_text(dataset: str, variant: str) -> str:
+    key = paper_key(dataset)
+    p = PAPER_RESULTS.get(key or "", {}).get(variant)
+    if p is None:
+        return ""
+    if p.acc is None:
+        return STATUS_TEXT.get(p.status, p.status)
+    text = f"{p.acc:.2f}" + (f" ± {p.std:.2f}" if p.std is not None else "")
+    return text + (f" ({p.epochs} ep)" if p.epochs is not None else "")
+
+
+def delta_text(dataset: str, variant: str, mean: float | None) -> str:
+    p = PAPER_RESULTS.get(paper_key(dataset) or "", {}).get(variant)
+    if p is None or p.acc is None or mean is None:
+        return ""
+    return f"{100 * mean - p.acc:+.2f}"
+
+
+@dataclass
+class Table:
+    name: str  # file stem
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)  # the numbers behind the rows
+
+    def column(self, name: str) -> dict[str, str]:
+        """{row label: text} of one column (the first column labels the rows)."""
+        i = self.header.index(name)
+        return {row[0]: row[i] for row in self.rows}
+
+    def to_markdown(self) -> str:
+        def esc(s: str) -> str:
+            return str(s).replace("|", "\\|")
+
+        lines = [f"### {self.title}", "", "| " + " | ".join(esc(h) for h in self.header) + " |",
+                 "|" + "|".join("---" for _ in self.header) + "|"]
+        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in self.rows]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def to_html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f'<td class="{_css(c)}">{html.escape(c)}</td>' for c in row) + "</tr>"
+                       for row in self.rows)
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        return (f'<section class="table" id="{html.escape(self.name)}"><h3>{html.escape(self.title)}</h3>'
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                + (f"<ul class=notes>{notes}</ul>" if notes else "") + "</section>")
+
+
+def _css(text: str) -> str:
+    t = text.lower()
+    for word, cls in (("pending", "pending"), ("oom", "oom"), ("diverged", "diverged"), ("failed", "failed"),
+                      ("running", "running")):
+        if word in t:
+            return cls
+    return "num" if re.match(r"^[+-]?\d", t) else ""
+
+
+NOTE_BEST = ("best test = best test accuracy over epochs (selects the epoch on the test set, as the paper does); "
+             "test @ best val = test accuracy at the epoch with the best validation accuracy.")
+NOTE_STD = "mean ± sample std (ddof=1) over finished folds of the per-fold best test accuracy, in %."
+
+
+def fold_table(sweep: Sweep, dataset: str) -> Table:
+    """ESC-50 style: one row per variant, a column per fold, mean ± std, the paper beside it."""
+    cells = [sweep.cell(dataset, v) for v in sweep.variants]
+    folds = sorted({f for c in cells for f in c.folds}, key=S.fold_sort_key)
+    with_val = any(t.at_best_val is not None for c in cells for t in c.trials.values())
+    header = ["variant"] + [f"fold {f}" for f in folds] + ["mean ± std"]
+    header += ["test @ best val"] if with_val else []
+    has_paper = paper_key(dataset) in PAPER_RESULTS
+    header += ["paper", "Δ vs paper"] if has_paper else []
+    rows, records = [], []
+    for c in cells:
+        mean, std = c.best_mean_std()
+        vmean, vstd = c.at_best_val_mean_std()
+        row = [c.variant] + [trial_text(c.trials.get(f)) if f in c.folds else "" for f in folds] + [cell_summary(c)]
+        row += [pm(vmean, vstd)] if with_val else []
+        row += [paper_text(dataset, c.variant), delta_text(dataset, c.variant, mean)] if has_paper else []
+        rows.append(row)
+        records.append({"dataset": dataset, "variant": c.variant, "mean": mean, "std": std,
+                        "n_done": len(c.finished), "n_folds": len(c.folds),
+                        "at_best_val_mean": vmean, "at_best_val_std": vstd,
+                        "folds": {f: (t.best if t.status == S.FINISHED else t.status) for f, t in c.trials.items()}})
+    notes = [NOTE_STD] + ([NOTE_BEST] if with_val else [])
+    if paper_key(dataset):
+        notes.append("paper: SPEC 'Results to compare against' (best test accuracy, %); Δ = ours − paper in points.")
+    return Table(f"folds_{slug(dataset)}", f"{dataset_title(dataset)}: best test accuracy per fold (%)",
+                 header, rows, notes, records)
+
+
+def single_table(sweep: Sweep, dataset: str) -> Table:
+    """Speech Commands style (also long-memory and speaker ID): one split, epochs reached."""
+    kind = sweep.kind(dataset)
+    cells = [sweep.cell(dataset, v) for v in sweep.variants]
+    trials = [(c, next(iter(c.trials.values()), None)) for c in cells]
+    multi = [c for c in cells if len(c.folds) > 1]
+    if multi:
+        log.warning("%s has %d folds but is reported as a single split; using the mean over folds", dataset,
+                    len(multi[0].folds))
+    with_val = any(t is not None and t.at_best_val is not None for _, t in trials)
+    long_seq = kind in ("long_memory", "speaker")
+    header = ["variant"] + (["tokens/clip", "pool K"] if long_seq else []) + ["best test"]
+    header += ["test @ best val"] if with_val else []
+    has_paper = paper_key(dataset) in PAPER_RESULTS
+    header += ["epochs reached", "best epoch", "status"] + (["paper", "Δ vs paper"] if has_paper else [])
+    rows, records = [], []
+    for c, t in trials:
+        mean, _ = c.best_mean_std()
+        vmean, _ = c.at_best_val_mean_std()
+        best_text = pm(mean, None) if c.finished else cell_summary(c)
+        row = [c.variant]
+        if long_seq:
+            row += [int_text(t.tokens) if t else "", (t.params.get(S.POOL_TOKENS, "") if t else "")]
+        row += [best_text] + ([pct(vmean)] if with_val else [])
+        best_epoch = t.metrics.get(S.BEST_EPOCH) if t else None
+        row += [int_text(t.epochs) if t else "", int_text(best_epoch), STATUS_TEXT.get(t.status, t.status) if t else "pending"]
+        row += [paper_text(dataset, c.variant), delta_text(dataset, c.variant, mean)] if has_paper else []
+        rows.append(row)
+        records.append({"dataset": dataset, "variant": c.variant, "best": mean, "at_best_val": vmean,
+                        "epochs": t.epochs if t else None, "status": t.status if t else None})
+    what = {"single": "single split", "long_memory": "long memory (concatenated clips, label of the first)",
+            "speaker": "speaker ID"}[kind]
+    notes = ([NOTE_BEST] if with_val else []) + ["epochs reached = epochs trained (the paper's runs stopped early "
+                                                 "where compute ran out); best epoch = epoch of the best test."]
+    if paper_key(dataset):
+        notes.append("paper: SPEC 'Results to compare against' (best test accuracy, %, epochs reached).")
+    return Table(f"{kind}_{slug(dataset)}", f"{dataset_title(dataset)}: {what}, best test accuracy (%)",
+                 header, rows, notes, records)
+
+
+def feasibility_table(sweep: Sweep) -> Table:
+    """Which variants train at which sequence length: status, s/epoch (x pure Mamba), peak memory."""
+    has_paper = any(paper_key(d) in PAPER_FEASIBILITY for d in sweep.datasets)
+    header = ["dataset", "tokens/clip (raw / mel)"] + sweep.variants + (["paper"] if has_paper else [])
+    rows, records = [], []
+
+    def longest(d: str) -> float:
+        tokens = [n for v in sweep.variants if (n := sweep.cell(d, v).tokens()) is not None]
+        return max(tokens, default=math.inf)
+
+    for d in sorted(sweep.datasets, key=longest):  # rows by sequence length
+        cells = {v: sweep.cell(d, v) for v in sweep.variants}
+        by_frontend: dict[str, int] = {}
+        for v, c in cells.items():
+            if c.tokens() is not None:
+                by_frontend.setdefault(split_variant(v)[1], c.tokens())
+        tokens = " / ".join(f"{by_frontend[f]:,}" for f in ("raw", "mel") if f in by_frontend) or \
+            " / ".join(f"{n:,}" for n in by_frontend.values())
+        row = [d, tokens]
+        for v, c in cells.items():
+            secs = _mean([t.mean_of("epoch_seconds") for t in c.trials.values()])
+            backbone, frontend = split_variant(v)
+            ref = cells.get(f"mamba-{frontend}")
+            ref_secs = _mean([t.mean_of("epoch_seconds") for t in ref.trials.values()]) if ref and backbone != "mamba" else None
+            peak = max([m for t in c.trials.values() if (m := t.max_of("peak_mem_mb")) is not None], default=None)
+            row.append(_feasibility_text(c, secs, ref_secs, peak))
+            records.append({"dataset": d, "variant": v, "statuses": dict(c.statuses()), "epoch_seconds": secs,
+                            "peak_mem_mb": peak})
+        if has_paper:
+            row.append(PAPER_FEASIBILITY.get(paper_key(d) or "", ""))
+        rows.append(row)
+    notes = ["ok = every planned trial finished; s/ep = mean epoch wall time; ×Mamba = relative to pure Mamba "
+             "with the same frontend; MB = peak accelerator (or process) memory.",
+             "OOM = ran out of memory; planned OOM = not launched because the plan predicts out of memory; "
+             "diverged = stopped after repeated non-finite losses."]
+    return Table("feasibility", "Feasibility by sequence length", header, rows, notes, records)
+
+
+def _feasibility_text(cell: Cell, secs: float | None, ref_secs: float | None, peak: float | None) -> str:
+    counts = cell.statuses()
+    if cell.complete:
+        status = "ok"
+    elif len(counts) == 1:
+        status = STATUS_TEXT.get(next(iter(counts)), next(iter(counts)))
+    else:
+        order = [S.FINISHED, S.RUNNING, S.OOM, S.PLANNED_OOM, S.DIVERGED, S.FAILED, None]
+        status = ", ".join(f"{STATUS_TEXT.get(s, s)} {counts[s]}/{len(cell.folds)}"
+                           for s in sorted(counts, key=lambda s: order.index(s) if s in order else len(order)))
+    parts = [status]
+    if secs is not None:
+        parts.append(f"{secs:.1f} s/ep" + (f" ({secs / ref_secs:.1f}× Mamba)" if ref_secs else ""))
+    if peak is not None:
+        parts.append(f"{peak:,.0f} MB")
+    return " · ".join(parts)
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def int_text(x: float | None) -> str:
+    return "" if x is None else str(int(x))
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "x"
+
+
+def study_tables(sweep: Sweep) -> list[Table]:
+    """Every table of the study, in reading order: folds, single split, long memory, speaker ID, feasibility."""
+    order = {"folds": 0, "single": 1, "long_memory": 2, "speaker": 3}
+    tables = []
+    for d in sorted(sweep.datasets, key=lambda d: order[sweep.kind(d)]):
+        tables.append(fold_table(sweep, d) if sweep.kind(d) == "folds" else single_table(sweep, d))
+    tables.append(feasibility_table(sweep))
+    return tables
+
+
+def summary_rows(sweep: Sweep) -> list[dict[str, Any]]:
+    """Best test accuracy per (dataset, variant): mean, sample std, folds done, status (for CSV output)."""
+    out = []
+    for (d, v), c in sweep.cells.items():
+        mean, std = c.best_mean_std()
+        out.append({"dataset": d, "variant": v, "best_test_acc_mean": mean, "best_test_acc_std": std,
+                    "n_folds_done": len(c.finished), "n_folds": len(c.folds), "summary": cell_summary(c)})
+    return out
+

@@ -1,0 +1,128 @@
+"""The MLflow schema of a sweep: every tag, param, metric and run name that a writer logs and the
+report reads, the values the `kind` and `status` tags take, and the fold aggregate (mean ± std).
+
+Plain constants and pure helpers, no MLflow or Ray import: the report's tables import this cheaply.
+
+One experiment per sweep. In it:
+- a parent run per (dataset, variant), named `<dataset>/<variant>`, tags kind=parent, dataset,
+  variant, folds_planned ("1,2,3,4,5" or "split"), folds_done; metrics the fold aggregates
+  (step = number of finished folds);
+- a trial run per trial, named after its trial key `<dataset>/<variant>/fold<k>` (or `/split`),
+  nested under its parent (tag mlflow.parentRunId), tags kind=trial, trial_key, dataset, variant,
+  fold, status, resumes, hardware, stop_reason (when it did not finish); params the trial's settings;
+  metrics per epoch with step = epoch (EPOCH_METRICS), then epochs_done and best_test_acc_final.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Sequence
+
+# Tags
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
+KIND = "kind"
+TRIAL_KEY = "trial_key"
+DATASET = "dataset"
+VARIANT = "variant"
+FOLD = "fold"
+STATUS = "status"
+RESUMES = "resumes"  # how many times the trial's workers restarted from a checkpoint
+STOP_REASON = "stop_reason"
+HARDWARE = "hardware"
+FOLDS_PLANNED = "folds_planned"  # on a parent: the folds the sweep will run, comma-separated
+FOLDS_DONE = "folds_done"  # on a parent: the finished folds its aggregates cover
+# MLflow 3's UI opens an experiment on its GenAI trace overview unless the experiment says it holds
+# model-training runs; with this experiment tag it opens the runs table.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+# Values of the kind tag
+KIND_TRIAL = "trial"
+KIND_PARENT = "parent"
+
+# Values of the status tag: training's Progress.status (running, finished, diverged, oom, failed),
+# and two the sweep sets itself: planned_oom (never launched: the plan predicts out of memory) and
+# stopped (the scheduler ended it early).
+RUNNING = "running"
+FINISHED = "finished"  # the only status whose numbers count in the aggregates
+OOM = "oom"
+DIVERGED = "diverged"
+FAILED = "failed"
+PLANNED_OOM = "planned_oom"
+STOPPED = "stopped"
+TERMINAL_STATUSES = frozenset({FINISHED, OOM, DIVERGED, FAILED, PLANNED_OOM})  # will not run again
+
+# Params the report reads (the rest of a trial's params are its settings, named as in the config)
+FRONTEND = "frontend"
+TOKENS_PER_CLIP = "tokens_per_clip"
+POOL_TOKENS = "pool_tokens"
+
+# Metrics: per epoch (step = epoch), as training names them
+EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "best_epoch", "lr",
+                 "epoch_seconds", "samples_per_s", "peak_mem_mb", "val_loss", "val_acc", "test_acc_at_best_val",
+                 "nonfinite_steps")
+TEST_ACC = "test_acc"  # logged every epoch: its history says which epochs a run holds
+BEST_TEST_ACC = "best_test_acc"
+TEST_ACC_AT_BEST_VAL = "test_acc_at_best_val"
+BEST_EPOCH = "best_epoch"
+# at the end of a trial (step 0)
+EPOCHS_DONE = "epochs_done"
+BEST_TEST_ACC_FINAL = "best_test_acc_final"
+# on a parent (step = finished folds): mean and sample std over finished folds of a trial metric
+N_FOLDS_DONE = "n_folds_done"
+AGGREGATED = (BEST_TEST_ACC, TEST_ACC_AT_BEST_VAL)
+
+
+def mean_name(metric: str) -> str:
+    return f"{metric}_mean"
+
+
+def std_name(metric: str) -> str:
+    return f"{metric}_std"
+
+
+def parent_run_name(dataset: str, variant: str) -> str:
+    return f"{dataset}/{variant}"
+
+
+def trial_tags(trial_key: str, dataset: str, variant: str, fold: str | int) -> dict[str, str]:
+    """The tags that identify a trial run (with kind=trial; the creator adds the parent's id)."""
+    return {KIND: KIND_TRIAL, TRIAL_KEY: trial_key, DATASET: dataset, VARIANT: variant, FOLD: str(fold)}
+
+
+def run_state(status: str) -> str:
+    """The MLflow run state a trial run ends in, for its status tag."""
+    return {FINISHED: "FINISHED", STOPPED: "KILLED", PLANNED_OOM: "KILLED"}.get(status, "FAILED")
+
+
+def quote(value: str) -> str:
+    """Quote a value for an MLflow filter string."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def tag_filter(tags: dict[str, str]) -> str:
+    """An MLflow filter string matching runs with these tag values: tag_filter({KIND: KIND_TRIAL})."""
+    return " and ".join(f"tags.{k} = {quote(v)}" for k, v in tags.items())
+
+
+def param_value(value: object) -> str:
+    """How a param is written: text as is, lists and dicts as JSON, cut to MLflow's 6,000 characters."""
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+def fold_sort_key(fold: str | int) -> tuple[int, int | str]:
+    """Numeric folds in numeric order ("2" before "10"), then named splits ("split")."""
+    text = str(fold)
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1, the usual '±' over folds); std is None for n < 2."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
