@@ -14,18 +14,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from helix_sweep import plan
+from helix_sweep.config import load_config
+from helix_sweep.sweep.grid import expand_grid
+from helix_sweep.sweep.schedule import makespans
+from helix_sweep.training import budget
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def grid_trials() -> tuple[list[plan.PlanTrial], str]:
-    try:
-        from helix_sweep.config import load_config
-        from helix_sweep.sweep.grid import expand_grid
-    except ImportError:
-        return plan.study_trials(), "built-in study table (helix_sweep.plan.study_trials)"
-    return [plan.as_trial(t) for t in expand_grid(load_config(["grid=full"]))], \
+def grid_trials() -> tuple[list[budget.PlanTrial], str]:
+    return [budget.as_trial(t) for t in expand_grid(load_config(["grid=full"]))], \
         "grid=full (helix_sweep.sweep.grid.expand_grid)"
 
 
@@ -33,8 +31,8 @@ def run(gpus: int, attention_impl: str | None) -> tuple[str, dict]:
     trials, source = grid_trials()
     if attention_impl:
         trials = [replace(t, attention_impl=attention_impl) for t in trials]
-    plans = [plan.plan_trial(t) for t in trials]
-    m = plan.makespans(plans, gpus)
+    plans = [budget.plan_trial(t) for t in trials]
+    m = makespans(plans, gpus)
     runnable = [p for p in plans if p.feasibility != "oom"]
     longest = max(runnable, key=lambda p: p.gpu_hours / p.workers)
     impl = attention_impl or trials[0].attention_impl
@@ -64,8 +62,8 @@ def study_comparison() -> str:
         for variant in ("mamba-raw", "helix-raw", "attention-raw"):
             chosen = [t for t in trials if t.key.startswith(f"{dataset}/{variant}/")]
             try:
-                hours = f"{sum(plan.estimate_gpu_hours(t) for t in chosen):.1f}"
-            except plan.InfeasibleTrial:
+                hours = f"{sum(budget.estimate_gpu_hours(t) for t in chosen):.1f}"
+            except budget.InfeasibleTrial:
                 hours = "oom (naive)"
             rows.append(f"| {dataset} | {variant} | {hours} | {study} |")
     return "\n".join(rows)
@@ -74,14 +72,9 @@ def study_comparison() -> str:
 def sweep_side() -> str:
     """What the sweep does with the plan (grid=full, naive attention, 48 GB): trials it records as
     planned_oom and the micro-batch x accumulation it gives the trials that do not fit whole."""
-    try:
-        from helix_sweep.config import load_config
-        from helix_sweep.sweep.grid import expand_grid, gpu_micro_batch
-    except ImportError:
-        return "- (the sweep package is not importable here)"
     specs = expand_grid(load_config(["grid=full"]))
     oom = [t.key for t in specs if t.status == "planned_oom"]
-    runnable = [(t, *gpu_micro_batch(t)) for t in specs if t.status == "run"]
+    runnable = [(t, t.budget.micro_batch, t.budget.grad_accum) for t in specs if t.status == "run"]
     split = sorted({(t.dataset, t.variant, m, a, t.resources.num_workers)
                     for t, m, a in runnable if m < t.train.batch_size})  # DDP share or accumulation
     lines = [f"- recorded as planned_oom without GPU time: {', '.join(oom)}"]
@@ -104,8 +97,8 @@ def main(argv: list[str]) -> int:
     opts = dict(a.split("=", 1) for a in argv)
     gpus = int(opts.get("gpus", 8))
     parts = [f"Command: `python benchmarks/makespan.py {' '.join(argv)}`",
-             f"Date: {datetime.date.today().isoformat()}. GPU model: {plan.L40S} "
-             "(helix_sweep.plan.Gpu, assumptions).", ""]
+             f"Date: {datetime.date.today().isoformat()}. GPU model: {budget.L40S} "
+             "(helix_sweep.training.budget.Gpu, assumptions).", ""]
     for impl in ([opts["attention_impl"]] if "attention_impl" in opts else ["naive", "sdpa"]):
         body, _ = run(gpus, impl)
         print(f"attention_impl={impl}\n{body}\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -38,6 +39,8 @@ class ModelConfig:
 
 @dataclass
 class AugmentSettings:
+    """The training split's augmentation (helix_sweep.data.augment applies it); each step can be off."""
+
     shift: bool = True  # circular time shift within +-time_shift_s
     time_shift_s: float = 0.5
     gain: bool = True  # gain drawn from [gain_min, gain_max]
@@ -45,7 +48,7 @@ class AugmentSettings:
     gain_max: float = 1.2
     noise: bool = True  # additive Gaussian noise
     noise_std: float = 0.005
-    mixup: bool = True
+    mixup: bool = True  # mix each clip with a random partner, weight ~ Beta(mixup_alpha, mixup_alpha)
     mixup_alpha: float = 0.3
 
 
@@ -101,6 +104,10 @@ class DatasetDef:
     train: Dict[str, Any] = field(default_factory=dict)  # per-dataset train overrides
     model: Dict[str, Any] = field(default_factory=dict)  # per-dataset model overrides (e.g. attention_impl)
     resources: Dict[str, Any] = field(default_factory=dict)  # per-dataset resource overrides
+    # clips per epoch for the cost model (helix_sweep.training.budget): trained, and evaluated after
+    # every epoch; the task gives the exact counts at run time
+    train_clips: Optional[int] = None
+    eval_clips: Optional[int] = None
 
 
 @dataclass
@@ -282,6 +289,15 @@ def load_config(overrides: list[str] | None = None) -> SweepConfig:
     return sweep
 
 
+@lru_cache(maxsize=None)
+def dataset_catalog() -> Dict[str, DatasetDef]:
+    """search_spaces/datasets.yaml, type-checked: every dataset a grid can name, as written there
+    (without a command line's dataset_defs overrides). Read-only: shared between callers."""
+    node = _merge(OmegaConf.structured(SweepConfig), {"dataset_defs": _read_yaml(SEARCH_SPACES / "datasets.yaml")},
+                  "search_spaces/datasets.yaml")
+    return OmegaConf.to_object(node.dataset_defs)  # type: ignore[return-value]
+
+
 def check_config(cfg: SweepConfig) -> None:
     """Value checks that types alone do not catch; each names the key and the valid values."""
     values = {"model.attention_impl": cfg.model.attention_impl, "model.pos_encoding": cfg.model.pos_encoding,
@@ -399,6 +415,21 @@ def to_yaml(cfg: Any) -> str:
 
 
 @dataclass
+class TrialBudget:
+    """What the cost model (helix_sweep.training.budget) decides for a trial, once, when the grid is
+    expanded; the trial table, the driver and the training loop read it."""
+
+    feasibility: str = "ok"  # ok | slow | oom on one GPU of resources.gpu_memory_gb (the study's Table 1)
+    # clips per micro-step per worker on that GPU: train.micro_batch if set, else the largest that
+    # fits; 1 when nothing fits (a forced infeasible trial). 0: not planned (a spec built by hand)
+    micro_batch: int = 0
+    grad_accum: int = 0  # micro-steps per optimizer step: micro_batch * grad_accum * workers = batch_size
+    planned_oom: str = ""  # who calls it infeasible: "plan" (one clip does not fit), "rule" (a grid's
+    #                        planned_oom rule) or ""; with force_infeasible the trial runs anyway
+    oom_reason: str = ""  # why, in words (the MLflow stop_reason of a planned_oom trial)
+
+
+@dataclass
 class TrialSpec:
     """One trial of a sweep: everything its Ray Train workers need, as plain typed data."""
 
@@ -414,17 +445,17 @@ class TrialSpec:
     tokens: int = MISSING  # tokens per clip for this frontend
     pool_tokens: Optional[int] = None
     synthetic: bool = False
+    train_clips: Optional[int] = None  # clips per epoch from the catalog, for the cost model
+    eval_clips: Optional[int] = None
     status: str = "run"  # run | planned_oom
     data_root: str = MISSING
     task_options: Dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    budget: TrialBudget = field(default_factory=TrialBudget)
 
     @property
     def fold_label(self) -> str:
         return "split" if self.fold is None else str(self.fold)
 
-
-def trial_from_dict(data: dict) -> TrialSpec:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialSpec), data))  # type: ignore[return-value]

@@ -9,18 +9,19 @@ import logging
 import sys
 
 from helix_sweep.config import ConfigError, load_config, parse_overrides, to_yaml
-from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, feasibility, gpu_micro_batch, name_experiment
+from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
 
 
 def trial_table(trials) -> str:
-    """One row per trial; `plan` is its feasibility on one GPU of resources.gpu_memory_gb and
-    `micro x acc` the micro-batch x gradient accumulation it gets there (on CPU: train.micro_batch)."""
+    """One row per trial, from its budget: `plan` is its feasibility on one GPU of
+    resources.gpu_memory_gb and `micro x acc` the micro-batch x gradient accumulation it gets there
+    (on CPU: train.micro_batch, or the whole batch)."""
     head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "workers", "plan",
             "micro x acc", "status")
     rows = [(t.key, t.variant, t.pattern, t.frontend, t.dataset, t.fold_label, str(t.tokens),
              str(t.pool_tokens or "all"), f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
-             f"{feasibility(t)}@{t.resources.gpu_memory_gb:g}GB",
-             "-" if t.status == "planned_oom" else "{} x {}".format(*gpu_micro_batch(t)), t.status)
+             f"{t.budget.feasibility}@{t.resources.gpu_memory_gb:g}GB",
+             "-" if t.status == "planned_oom" else f"{t.budget.micro_batch} x {t.budget.grad_accum}", t.status)
             for t in trials]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from helix_sweep.config import ModelConfig, TrainConfig, TrialSpec
-from helix_sweep.training.loop import _augment_config, build, train_step
+from helix_sweep.training.loop import build, train_step
 
 B, TOKENS, CLASSES = 8, 24, 5
 
@@ -29,7 +29,7 @@ def one_step(micro_batch: int | None, x, y, gen_seed: int = 7):
     torch.manual_seed(0)  # same initial weights for every setup
     setup = build(s, CLASSES, n_train=B, world_size=1)
     gen = torch.Generator().manual_seed(gen_seed)  # same augmentation + mixup draws
-    loss, correct = train_step(setup, s, x.clone(), y.clone(), gen, CLASSES, _augment_config(s), global_step=0)
+    loss, correct = train_step(setup, s, x.clone(), y.clone(), gen, CLASSES, s.train.augment, global_step=0)
     # train_step zeroes the gradients at its start, not its end: after it, .grad holds the step's
     grads = {n: p.grad.detach().clone() for n, p in setup.model.named_parameters()}
     return setup, loss, correct, grads
@@ -43,7 +43,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
     s_micro, loss_micro, correct_micro, g_micro = one_step(2, x, y)
     assert s_full.micro_batch == B and s_micro.micro_batch == 2  # the loop honours train.micro_batch
 
-    assert s_full.model.training and _augment_config(spec(None)).mixup_enabled
+    assert s_full.model.training and spec(None).train.augment.mixup
     assert abs(loss_micro - loss_full) <= 1e-6 * abs(loss_full)
     assert correct_micro == correct_full
     assert g_full.keys() == g_micro.keys() and len(g_full) > 10
@@ -90,7 +90,7 @@ def _ddp_rank(rank: int, world: int, port: int, out: dict) -> None:
         y = torch.randint(0, CLASSES, (B,), generator=g)
         half = slice(rank * B // world, (rank + 1) * B // world)
         train_step(setup, s, x[half].clone(), y[half].clone(), torch.Generator().manual_seed(7 + rank), CLASSES,
-                   _augment_config(s), global_step=0)
+                   s.train.augment, global_step=0)
         out[rank] = {"calls": len(calls), "grad": next(setup.model.parameters()).grad.clone()}
     finally:
         dist.destroy_process_group()

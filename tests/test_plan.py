@@ -1,18 +1,35 @@
-"""The planner's pure parts: parameter matching, tokens, memory model, Table 1 feasibility,
-micro-batching, GPU-hour sanity against the study, and makespan scheduling."""
+"""The cost model's pure parts (helix_sweep.training.budget): parameter matching, tokens, memory
+model, Table 1 feasibility, micro-batching, GPU-hour sanity against the study; makespan scheduling
+(helix_sweep.sweep.schedule) and the plan command (helix_sweep.plan)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 import pytest
 
 from helix_sweep import plan
-from helix_sweep.plan import (
-    GIB, InfeasibleTrial, PlanTrial, activation_memory_bytes, choose_micro_batch, count_params,
-    estimate_gpu_hours, feasibility, lower_bound, mel_tokens, order_longest_first, raw_tokens,
-    simulate_makespan, study_trials,
+from helix_sweep.config import load_config
+from helix_sweep.models import build_classifier, classifier_params, mamba_params, matched_d_ffn
+from helix_sweep.models.frontends import num_tokens
+from helix_sweep.sweep.grid import expand_grid
+from helix_sweep.sweep.schedule import lower_bound, makespans, order_longest_first, simulate_makespan
+from helix_sweep.training import budget
+from helix_sweep.training.budget import (
+    GIB, InfeasibleTrial, PlanTrial, activation_memory_bytes, as_trial, choose_micro_batch,
+    estimate_gpu_hours, feasibility, plan_trial,
 )
+
+
+@lru_cache(maxsize=None)
+def _study() -> tuple[PlanTrial, ...]:
+    return tuple(as_trial(t) for t in expand_grid(load_config(["grid=full", "model.attention_impl=naive"])))
+
+
+def study_trials() -> list[PlanTrial]:
+    """The study's grid (search_spaces/grids/full.yaml) with naive attention everywhere, as the study ran."""
+    return list(_study())
 
 
 def trial(pattern="MMMMMM", tokens=500, attention_impl="naive", **kw) -> PlanTrial:
@@ -22,30 +39,30 @@ def trial(pattern="MMMMMM", tokens=500, attention_impl="naive", **kw) -> PlanTri
 
 
 def test_param_matching_follows_the_spec():
-    p = count_params("MMMAMM", "raw", num_classes=50)
-    assert p.mamba_mixer == 462_336  # mamba_ssm Mamba at d=256, N=32, d_conv=4, expand=2
-    assert p.mamba_layer == 1_056_512
-    assert p.d_ffn == (1_056_512 - (4 * 256**2 + 4 * 256) - 4 * 256) // (2 * 256 + 1) == 1544
-    assert 0 <= p.attention_layer - p.mamba_layer <= 256
-    assert p.total == p.frontend + sum(p.layers) + p.head
+    report = build_classifier("MMMAMM", "raw", 50).param_report()
+    mamba_layer, attention_layer = report["layers"][0], report["layers"][3]
+    assert mamba_params(256) == 462_336  # mamba_ssm Mamba at d=256, N=32, d_conv=4, expand=2
+    assert mamba_layer == 1_056_512
+    assert report["d_ffn"] == matched_d_ffn(256) == (1_056_512 - (4 * 256**2 + 4 * 256) - 4 * 256) // (2 * 256 + 1) == 1544
+    assert 0 <= attention_layer - mamba_layer <= 256
+    assert report["total"] == report["frontend"] + sum(report["layers"]) + report["head"]
 
 
 def test_param_count_agrees_with_the_model_package():
-    models = pytest.importorskip("helix_sweep.models")
-    m = models.build_classifier("MMMAMM", "mel", 35)
-    report = m.param_report()
-    p = count_params("MMMAMM", "mel", num_classes=35)
-    assert report["d_ffn"] == p.d_ffn
-    assert report["layers"] == list(p.layers)
-    assert report["total"] == p.total
+    # the cost model's weights/grads/AdamW figure counts the real classifier (on the meta device)
+    report = build_classifier("MMMAMM", "mel", 35).param_report()
+    assert classifier_params("MMMAMM", "mel", 35) == report["total"]
+    t = PlanTrial("t", "MMMAMM", "mel", 72, 1, 1, num_classes=35, precision="fp32")
+    assert budget.static_memory_bytes(t) == 16 * report["total"]
 
 
 def test_token_counts():
-    assert [raw_tokens(int(s * 16000)) for s in (1, 5, 10, 30, 300)] == [100, 500, 1000, 3000, 30000]
+    assert [num_tokens("raw", int(s * 16000)) for s in (1, 5, 10, 30, 300)] == [100, 500, 1000, 3000, 30000]
     # F = 1 + floor(T / 512) frames; 8 frequency patches x floor(F / 16) time patches
-    assert mel_tokens(80_000) == 8 * (157 // 16) == 72
-    assert mel_tokens(16_000) == 16
-    assert mel_tokens(300 * 16_000) == 8 * (9376 // 16) == 4688
+    assert num_tokens("mel", 80_000) == 8 * (157 // 16) == 72
+    assert num_tokens("mel", 16_000) == 16
+    assert num_tokens("mel", 300 * 16_000) == 8 * (9376 // 16) == 4688
+    assert budget.tokens_per_clip("mel", 5.0) == 72 and budget.tokens_per_clip("raw", 0.5) == 50
 
 
 def test_memory_grows_linearly_for_mamba_and_quadratically_for_naive_attention():
@@ -80,8 +97,8 @@ def test_micro_batch_keeps_the_effective_batch():
     t = trial("MMMMMM", 30_000)
     micro, accum = choose_micro_batch(t, 48)
     assert micro < 32 and micro * accum == 32
-    assert plan.training_memory_bytes(t, micro) <= 0.8 * 48 * GIB
-    assert plan.training_memory_bytes(t, 2 * micro) > 0.8 * 48 * GIB  # the largest that fits
+    assert budget.training_memory_bytes(t, micro) <= 0.8 * 48 * GIB
+    assert budget.training_memory_bytes(t, 2 * micro) > 0.8 * 48 * GIB  # the largest that fits
     micro4, accum4 = choose_micro_batch(t, 48, workers=4)  # DDP: 8 clips per worker
     assert micro4 * accum4 * 4 == 32
     assert choose_micro_batch(trial("MMMMMM", 500), 48) == (32, 1)
@@ -105,10 +122,10 @@ def test_gpu_hours_against_the_study():
 
 def test_bad_trials_name_the_field():
     with pytest.raises(ValueError, match="pattern='MMX'"):
-        plan.as_trial(replace(trial(), pattern="MMX"))
+        as_trial(replace(trial(), pattern="MMX"))
     with pytest.raises(ValueError, match="missing fields \\['epochs', 'train_clips'\\]"):
-        plan.as_trial({"key": "k", "pattern": "M", "frontend": "raw", "tokens": 5})
-    assert plan.as_trial(dict(key="k", pattern="MA", frontend="mel", tokens=5, epochs=1,
+        as_trial({"key": "k", "pattern": "M", "frontend": "raw", "tokens": 5})
+    assert as_trial(dict(key="k", pattern="MA", frontend="mel", tokens=5, epochs=1,
                               train_clips=3)).pattern == "MA"
 
 
@@ -130,8 +147,8 @@ def test_list_scheduling():
 
 
 def test_longest_first_near_the_bound_on_the_study_grid():
-    plans = [plan.plan_trial(t) for t in study_trials()]
-    m = plan.makespans(plans, 8)
+    plans = [plan_trial(t) for t in study_trials()]
+    m = makespans(plans, 8)
     assert m["longest_first"] <= 1.05 * m["lower_bound"]
     assert m["fifo"] > m["longest_first"]
     ordered = order_longest_first(study_trials())
@@ -148,10 +165,10 @@ def test_main_prints_table_and_makespans():
 
 
 def test_grid_trials_adapt():
-    config = pytest.importorskip("helix_sweep.config")
-    grid = pytest.importorskip("helix_sweep.sweep.grid")
-    specs = grid.expand_grid(config.load_config(["grid=full"]))
-    trials = [plan.as_trial(s) for s in specs]
+    specs = expand_grid(load_config(["grid=full"]))
+    trials = [as_trial(s) for s in specs]
     vox = {t.key: t for t in trials}["voxpopuli/mamba-raw/split"]
     assert (vox.tokens, vox.workers, vox.attention_impl) == (30_000, 4, "sdpa")  # datasets.yaml: SDPA at 300 s
-    assert len(trials) == len(study_trials())
+    # the SPEC's grid: six variants on ESC-50 (5 folds), UrbanSound8K (10), both Speech Commands
+    # tasks; the three raw variants on the two speaker-ID sets
+    assert len(trials) == 6 * (5 + 10 + 1 + 1) + 3 * 2 == 108

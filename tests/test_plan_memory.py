@@ -1,4 +1,5 @@
-"""The planner's memory model against the real model on CPU at small L (fp32, pure-PyTorch scan).
+"""The cost model's memory figures (helix_sweep.training.budget) against the real model on CPU at
+small L (fp32, pure-PyTorch scan).
 
 Two measurements:
 - bytes autograd saves for backward, counted exactly with saved_tensors_hooks (each storage
@@ -16,10 +17,9 @@ import sys
 
 import pytest
 
-from helix_sweep.plan import (
-    activation_memory_bytes, count_params, frontend_saved_bytes_per_token, mel_tokens, raw_tokens,
-    saved_bytes_per_token,
-)
+from helix_sweep.models import matched_d_ffn
+from helix_sweep.models.frontends import num_tokens
+from helix_sweep.training.budget import activation_memory_bytes, frontend_saved_bytes_per_token, saved_bytes_per_token
 
 torch = pytest.importorskip("torch")
 models = pytest.importorskip("helix_sweep.models")
@@ -28,12 +28,11 @@ SR = 16_000
 
 
 def tokens(frontend: str, seconds: float) -> int:
-    samples = int(seconds * SR)
-    return raw_tokens(samples) if frontend == "raw" else mel_tokens(samples)
+    return num_tokens(frontend, int(seconds * SR))
 
 
 def estimated_saved(pattern: str, frontend: str, L: int, batch: int, impl: str) -> float:
-    d_ffn = count_params("A").d_ffn
+    d_ffn = matched_d_ffn(256)
     per_token = frontend_saved_bytes_per_token(frontend, "fp32") + sum(
         saved_bytes_per_token(c, L, impl, "fp32", d_ffn=d_ffn, scan_impl="reference", batch=batch)
         for c in pattern)

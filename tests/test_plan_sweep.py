@@ -1,14 +1,16 @@
-"""The planner inside the sweep: planned oom derived from the plan (plus the grids' explicit rules),
-micro-batches that fit the GPU, concurrency from the cluster's GPUs, the dry-run table. Pure: no Ray
-cluster, no MLflow."""
+"""The cost model inside the sweep: each trial's budget, computed once at grid expansion: planned oom
+derived from the plan (plus the grids' explicit rules), micro-batches that fit the GPU; concurrency
+from the cluster's GPUs, the dry-run table. Pure: no Ray cluster, no MLflow."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from helix_sweep.run import main, plan_trials
 from helix_sweep.sweep.driver import autoscaler_gpus, max_concurrent, resolve_use_gpu
-from helix_sweep.sweep.grid import feasibility, gpu_micro_batch, oom_reason, with_gpu_micro_batches
+from helix_sweep.training.loop import micro_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,27 +30,33 @@ def test_planned_oom_comes_from_the_plan_and_the_grid_rules():
     assert planned_oom("force_infeasible=true") == []
     _, trials = plan_trials(["grid=full", "model.attention_impl=sdpa", "datasets=[voxpopuli]"])
     by_key = {t.key: t for t in trials}
-    assert oom_reason(by_key["voxpopuli/attention-raw/split"]) == "a planned_oom rule of the grid"
+    assert by_key["voxpopuli/attention-raw/split"].budget.oom_reason == "a planned_oom rule of the grid"
+    assert by_key["voxpopuli/attention-raw/split"].budget.planned_oom == "rule"
     _, trials = plan_trials(["grid=full", "datasets=[voxpopuli]", "model.attention_impl=naive"])
-    assert "30000 tokens needs 57.4 GiB" in oom_reason({t.key: t for t in trials}["voxpopuli/helix-raw/split"])
+    helix = {t.key: t for t in trials}["voxpopuli/helix-raw/split"]
+    assert "30000 tokens needs 57.4 GiB" in helix.budget.oom_reason and helix.budget.planned_oom == "plan"
 
 
 def test_gpu_micro_batches_fit_and_keep_the_effective_batch():
     _, trials = plan_trials(["grid=full", "datasets=[librispeech,voxpopuli]", "force_infeasible=true",
                              "model.attention_impl=naive"])
-    planned = {t.key: t for t in with_gpu_micro_batches(trials)}
-    micro = {k: t.train.micro_batch for k, t in planned.items()}
+    planned = {t.key: t for t in trials}
+    micro = {k: t.budget.micro_batch for k, t in planned.items()}
     assert micro["librispeech/mamba-raw/split"] == 32  # fits whole
     assert micro["librispeech/attention-raw/split"] == 16  # 16 x 2 accumulation
     assert micro["voxpopuli/mamba-raw/split"] == 8  # 4 DDP workers x 8 clips
     assert micro["voxpopuli/attention-raw/split"] == 1  # forced although infeasible: smallest micro-batch
     for t in planned.values():
-        m, accum = gpu_micro_batch(t)
-        assert m == t.train.micro_batch and m * accum * t.resources.num_workers == t.train.batch_size
+        m, accum = t.budget.micro_batch, t.budget.grad_accum
+        assert m * accum * t.resources.num_workers == t.train.batch_size
+    # the training loop takes the planned micro-batch on a GPU, the whole batch elsewhere
+    lib = planned["librispeech/attention-raw/split"]
+    assert micro_batch(lib, torch.device("cuda"), 32) == 16 and micro_batch(lib, torch.device("cpu"), 32) == 32
     # a micro-batch the user set is kept
     _, trials = plan_trials(["grid=full", "datasets=[librispeech]", "train.micro_batch=4"])
-    assert {t.train.micro_batch for t in with_gpu_micro_batches(trials)} == {4}
-    assert gpu_micro_batch(trials[0]) == (4, 8)
+    assert {t.budget.micro_batch for t in trials} == {4}
+    assert (trials[0].budget.micro_batch, trials[0].budget.grad_accum) == (4, 8)
+    assert micro_batch(trials[0], torch.device("cpu"), 32) == micro_batch(trials[0], torch.device("cuda"), 32) == 4
 
 
 def test_concurrency_follows_the_cluster_gpus():
@@ -88,4 +96,4 @@ def test_dry_run_table_shows_plan_and_micro_batches(capsys):
 
 def test_smoke_trials_are_all_feasible():
     _, trials = plan_trials(["grid=smoke"])
-    assert {feasibility(t) for t in trials} == {"ok"} and {t.status for t in trials} == {"run"}
+    assert {t.budget.feasibility for t in trials} == {"ok"} and {t.status for t in trials} == {"run"}

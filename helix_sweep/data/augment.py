@@ -1,7 +1,8 @@
 """Training-split augmentation from the study's protocol, on batches of waveforms.
 
-circular time shift within +-time_shift_s, gain drawn from [gain[0], gain[1]], Gaussian noise with
-sigma noise_std, mixup with Beta(mixup_alpha, mixup_alpha). Each one can be switched off.
+circular time shift within +-time_shift_s, gain drawn from [gain_min, gain_max], Gaussian noise with
+sigma noise_std, mixup with Beta(mixup_alpha, mixup_alpha). Each one can be switched off; the
+settings are train.augment (helix_sweep.config.AugmentSettings).
 
 All randomness comes from the torch.Generator passed in (the training loop checkpoints its state, so
 a resumed run draws exactly the same augmentations). Draws happen on the generator's device and are
@@ -10,38 +11,26 @@ moved to the batch's device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-
-@dataclass
-class AugmentConfig:
-    time_shift_s: float = 0.5  # maximum circular shift in seconds, either direction
-    gain: tuple[float, float] = (0.8, 1.2)  # per-clip gain drawn uniformly from this range
-    noise_std: float = 0.005  # sigma of additive Gaussian noise (full scale = 1.0)
-    mixup_alpha: float = 0.3  # Beta(alpha, alpha) mixing weight
-    shift_enabled: bool = True
-    gain_enabled: bool = True
-    noise_enabled: bool = True
-    mixup_enabled: bool = True
+from helix_sweep.config import AugmentSettings
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, sample_rate: int = 16000) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, cfg: AugmentSettings, generator: torch.Generator, sample_rate: int = 16000) -> torch.Tensor:
     """Shift, gain and noise of a (B, T) batch; returns a new (B, T) tensor."""
     B, T = x.shape
     dev = generator.device
-    if cfg.shift_enabled and cfg.time_shift_s > 0:
+    if cfg.shift and cfg.time_shift_s > 0:
         max_shift = min(int(round(cfg.time_shift_s * sample_rate)), T - 1)
         shift = torch.randint(-max_shift, max_shift + 1, (B, 1), generator=generator, device=dev).to(x.device)
         index = (torch.arange(T, device=x.device)[None, :] - shift) % T  # (B, T): out[t] = x[t - shift]
         x = torch.gather(x, 1, index)
-    if cfg.gain_enabled:
-        lo, hi = cfg.gain
+    if cfg.gain:
+        lo, hi = cfg.gain_min, cfg.gain_max
         gain = torch.rand((B, 1), generator=generator, device=dev).to(x.device) * (hi - lo) + lo
         x = x * gain
-    if cfg.noise_enabled and cfg.noise_std > 0:
+    if cfg.noise and cfg.noise_std > 0:
         noise = torch.randn((B, T), generator=generator, device=dev).to(x.device, x.dtype)
         x = x + cfg.noise_std * noise
     return x
@@ -65,10 +54,10 @@ def mixup(
 
 
 def augment_and_mix(
-    x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, num_classes: int, generator: torch.Generator, sample_rate: int = 16000
+    x: torch.Tensor, y: torch.Tensor, cfg: AugmentSettings, num_classes: int, generator: torch.Generator, sample_rate: int = 16000
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole training-split pipeline: augment_batch then mixup (if enabled); y comes back soft (B, C)."""
     x = augment_batch(x, cfg, generator, sample_rate)
-    if cfg.mixup_enabled:
+    if cfg.mixup:
         return mixup(x, y, num_classes, cfg.mixup_alpha, generator)
     return x, torch.nn.functional.one_hot(y, num_classes).to(x.dtype)

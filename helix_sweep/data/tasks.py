@@ -1,4 +1,5 @@
-"""Tasks: a prepared dataset turned into train / val / test example sets for one trial.
+"""Tasks: a prepared dataset turned into train / val / test example sets for one trial (one concept:
+the constructions below share the Examples form, so they stay in one module).
 
 An example is a list of segments (clip, start, stop, dest): samples [start, stop) of a stored clip
 copied to offset `dest` of a zero buffer of `clip_samples`. One shape covers every construction:
@@ -29,6 +30,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from helix_sweep.config import dataset_catalog
+
 from .audio import SAMPLE_RATE
 from .prepare import is_prepared, prepare_command
 from .shards import ClipStore
@@ -42,6 +45,8 @@ class DatasetNotPrepared(Exception):
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """How a dataset's task is built: the data layer's part (_TASKS) joined with the catalog's."""
+
     base: str  # the prepared (or generated) dataset folder the task reads
     kind: str  # folds | splits | concat | speaker
     clip_seconds: float  # default pad/crop length (per joined clip for concat, stitch length for speaker)
@@ -49,23 +54,47 @@ class TaskSpec:
     options: dict = field(default_factory=dict)  # kind-specific option defaults
 
 
-_SPECS = {
-    "esc50": TaskSpec("esc50", "folds", 5.0, folds=5),
-    "urbansound8k": TaskSpec("urbansound8k", "folds", 4.0, folds=10),
-    "speechcommands": TaskSpec("speechcommands", "splits", 1.0),
-    "speechcommands-concat": TaskSpec("speechcommands", "concat", 1.0, options={"concat_n": 10, "pool_tokens": 100}),
-    "librispeech": TaskSpec("librispeech", "speaker", 30.0, options={"train_share": 0.8, "partial_clip": "pad"}),
-    "voxpopuli": TaskSpec("voxpopuli", "speaker", 300.0, options={"train_share": 0.8, "partial_clip": "pad"}),
-    "synth-textures": TaskSpec("synth-textures", "folds", 1.0, folds=5),
-    # Synthetic tasks sized for the CPU smoke grid: 0.5 s commands, 2 x 0.5 s concat (K = 50 raw tokens
-    # = the first clip), 1 s speaker windows (pure attention on raw tokens did not learn 1.5-2 s windows
-    # of 260-450 clips in 6 epochs; it did at 1 s).
-    "synth-commands": TaskSpec("synth-commands", "splits", 0.5),
-    "synth-concat": TaskSpec("synth-commands", "concat", 0.5, options={"concat_n": 2, "pool_tokens": 50}),
-    "synth-speaker": TaskSpec("synth-speaker", "speaker", 1.0, options={"train_share": 0.8, "partial_clip": "pad"}),
+# The data layer's own part of each dataset: the prepared (or generated) folder it reads and how its
+# examples are built. Clip length, folds, concat_n and pool_tokens are the catalog's
+# (search_spaces/datasets.yaml): a concat task's clips are clip_seconds / concat_n long each.
+# Synthetic tasks are sized there for the CPU smoke grid: 0.5 s commands, 2 x 0.5 s concat (K = 50 raw
+# tokens = the first clip), 1 s speaker windows (pure attention on raw tokens did not learn 1.5-2 s
+# windows of 260-450 clips in 6 epochs; it did at 1 s).
+_TASKS = {
+    "esc50": ("esc50", "folds"),
+    "urbansound8k": ("urbansound8k", "folds"),
+    "speechcommands": ("speechcommands", "splits"),
+    "speechcommands-concat": ("speechcommands", "concat"),
+    "librispeech": ("librispeech", "speaker"),
+    "voxpopuli": ("voxpopuli", "speaker"),
+    "synth-textures": ("synth-textures", "folds"),
+    "synth-commands": ("synth-commands", "splits"),
+    "synth-concat": ("synth-commands", "concat"),
+    "synth-speaker": ("synth-speaker", "speaker"),
 }
-DATASETS = tuple(_SPECS)
+SPEAKER_OPTIONS = {"train_share": 0.8, "partial_clip": "pad"}  # defaults of the speaker construction
+DATASETS = tuple(_TASKS)
 SYNTHETIC_BASES = ("synth-textures", "synth-commands", "synth-speaker")
+
+
+def task_spec(dataset: str) -> TaskSpec:
+    if dataset not in _TASKS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    base, kind = _TASKS[dataset]
+    entry = dataset_catalog().get(dataset)
+    if entry is None:
+        raise ValueError(f"dataset {dataset!r} is missing from search_spaces/datasets.yaml")
+    clip_seconds, options = entry.clip_seconds, {}
+    if kind == "concat":
+        n = int(entry.options.get("concat_n", 0))
+        if n < 1 or not entry.pool_tokens:
+            raise ValueError(f"search_spaces/datasets.yaml: {dataset} needs options.concat_n >= 1 "
+                             f"and pool_tokens (got {entry.options}, {entry.pool_tokens})")
+        clip_seconds, options = clip_seconds / n, {"concat_n": n, "pool_tokens": entry.pool_tokens}
+    elif kind == "speaker":
+        options = dict(SPEAKER_OPTIONS)
+    folds = len(entry.folds) if entry.folds else None
+    return TaskSpec(base, kind, clip_seconds, folds=folds, options=options)
 
 
 @dataclass
@@ -191,9 +220,7 @@ def require_prepared(data_root: str | Path, dataset: str) -> Path:
     Raises DatasetNotPrepared for a missing or half-prepared real dataset (naming the prepare command);
     generates a synthetic one if needed. Returns the prepared folder.
     """
-    if dataset not in _SPECS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    return _ensure_prepared(Path(data_root), dataset, _SPECS[dataset])
+    return _ensure_prepared(Path(data_root), dataset, task_spec(dataset))
 
 
 def _single(rows: np.ndarray, labels: np.ndarray, lengths: np.ndarray, clip_samples: int) -> Examples:
@@ -288,9 +315,7 @@ def open_task(data_root: str | Path, dataset: str, *, fold: int | None = None, s
     of the construction (val split, concat draws, speaker split); folds are never reshuffled.
     options: val_fraction, clip_seconds, and per kind concat_n / pool_tokens or train_share / partial_clip.
     """
-    if dataset not in _SPECS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    spec = _SPECS[dataset]
+    spec = task_spec(dataset)
     opts = _check_options(dataset, spec, fold, options)
     root = Path(data_root)
     ddir = _ensure_prepared(root, dataset, spec)

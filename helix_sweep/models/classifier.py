@@ -6,10 +6,13 @@ Legend: B batch, T samples, L tokens, D d_model, C classes.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 
+from helix_sweep.config import ModelConfig
 from helix_sweep.models.blocks import AttentionBlock, BiMambaBlock
 from helix_sweep.models.frontends import FRONTENDS
 from helix_sweep.models.matching import count_params, matched_d_ffn
@@ -93,3 +96,23 @@ def build_classifier(pattern: str, frontend: str, num_classes: int, *, d_model: 
     overrides: d_state, d_conv, expand, num_heads, attention_impl, pos_encoding, frontend_options.
     """
     return HelixClassifier(pattern, frontend, num_classes, d_model=d_model, pool_tokens=pool_tokens, **overrides)
+
+
+def build_classifier_from(model: ModelConfig, pattern: str, frontend: str, num_classes: int,
+                          pool_tokens: int | None = None) -> HelixClassifier:
+    """A trial's classifier in one call: its variant (pattern, frontend), its task's classes and
+    pooling, and every architecture setting of its model section (d_model, d_state, ...)."""
+    return HelixClassifier(pattern, frontend, num_classes, pool_tokens=pool_tokens, **asdict(model))
+
+
+@lru_cache(maxsize=None)
+def classifier_params(pattern: str, frontend: str, num_classes: int, d_model: int = 256, d_state: int = 32,
+                      d_conv: int = 4, expand: int = 2) -> int:
+    """Parameters of build_classifier(pattern, frontend, num_classes, ...) without allocating it: the
+    backbone and head are built on the meta device, the frontend on the CPU (the mel filterbank is
+    computed at construction, which the meta device cannot do; the frontend is small). The count does
+    not depend on num_heads, attention_impl or pooling."""
+    with torch.device("meta"):
+        model = HelixClassifier(pattern, "raw", num_classes, d_model=d_model, d_state=d_state, d_conv=d_conv,
+                                expand=expand)
+    return count_params(model) - count_params(model.frontend) + count_params(FRONTENDS[frontend](d_model))

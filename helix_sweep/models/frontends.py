@@ -12,11 +12,17 @@ import torch
 import torch.nn as nn
 import torchaudio
 
+# The study's frontend geometry at 16 kHz: the single source of tokens per clip (also for the cost
+# model, helix_sweep.training.budget).
+SAMPLE_RATE = 16_000  # every clip is mono audio at 16 kHz
+RAW_PATCH = 160  # samples per raw token (Conv1d kernel = stride)
+MEL_HOP, MEL_BINS, MEL_PATCH = 512, 128, 16  # STFT hop, mel bins, square patch of the Conv2d
+
 
 class RawFrontend(nn.Module):
     """Conv1d(1 -> D, kernel = stride = 160) then LayerNorm: 100 tokens per second at 16 kHz."""
 
-    def __init__(self, d_model: int, patch: int = 160):
+    def __init__(self, d_model: int, patch: int = RAW_PATCH):
         super().__init__()
         self.patch = patch
         self.conv = nn.Conv1d(1, d_model, kernel_size=patch, stride=patch)
@@ -43,8 +49,8 @@ class MelFrontend(nn.Module):
     start of the clip: L = (M / 16) * floor(F / 16).
     """
 
-    def __init__(self, d_model: int, sample_rate: int = 16000, n_fft: int = 1024, hop: int = 512,
-                 n_mels: int = 128, patch: int = 16):
+    def __init__(self, d_model: int, sample_rate: int = SAMPLE_RATE, n_fft: int = 1024, hop: int = MEL_HOP,
+                 n_mels: int = MEL_BINS, patch: int = MEL_PATCH):
         super().__init__()
         if n_mels % patch:
             raise ValueError(f"n_mels={n_mels} must be a multiple of the patch size {patch}")
@@ -83,7 +89,14 @@ FRONTENDS = {"raw": RawFrontend, "mel": MelFrontend}
 def num_tokens(frontend: str, num_samples: int) -> int:
     """Tokens per clip of a frontend at its default settings, without building it."""
     if frontend == "raw":
-        return num_samples // 160
+        return num_samples // RAW_PATCH
     if frontend == "mel":
-        return (128 // 16) * ((1 + num_samples // 512) // 16)
+        return (MEL_BINS // MEL_PATCH) * ((1 + num_samples // MEL_HOP) // MEL_PATCH)
     raise ValueError(f"frontend {frontend!r}: expected one of {sorted(FRONTENDS)}")
+
+
+def patch_inputs(frontend: str) -> int:
+    """Input values one token's patch convolution reads: 160 samples (raw), 16 x 16 mel bins (mel)."""
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend {frontend!r}: expected one of {sorted(FRONTENDS)}")
+    return RAW_PATCH if frontend == "raw" else MEL_PATCH * MEL_PATCH

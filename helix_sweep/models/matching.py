@@ -14,10 +14,18 @@ from functools import lru_cache
 import torch
 
 from helix_sweep.models.blocks import BiMambaBlock
+from helix_sweep.models.mamba import Mamba
 
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@lru_cache(maxsize=None)
+def mamba_params(d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2) -> int:
+    """One selective SSM mixer (mamba_ssm's Mamba parameterisation)."""
+    with torch.device("meta"):
+        return count_params(Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand))
 
 
 @lru_cache(maxsize=None)

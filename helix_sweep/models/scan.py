@@ -114,7 +114,10 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"selective_scan: {name} must be (d_inner={dim},), got {tuple(t.shape)}")
 
 
-def _chunk_len(mode, chunk_size, batch, dim, d_state, length):
+def chunk_len(mode, chunk_size, batch, dim, d_state, length):
+    """Chunk length T of the pure scan: chunk_size if given, else the largest power of two whose
+    (T, B, E, N) fp32 buffer fits the mode's element budget, clamped to the mode's range and L
+    (also the cost model's, helix_sweep.training.budget)."""
     if chunk_size is not None:
         return min(chunk_size, length)
     budget, (low, high) = ((LOOP_CHUNK_ELEMENTS, LOOP_CHUNK_RANGE) if mode == "loop"
@@ -123,7 +126,7 @@ def _chunk_len(mode, chunk_size, batch, dim, d_state, length):
     return min(max(low, 1 << (fit.bit_length() - 1)), high, length)
 
 
-def _segment_len(chunk, length):
+def segment_len(chunk, length):
     """Steps between saved states: a multiple of the chunk near sqrt(L), which minimises
     saved states (L / K) plus the segment recomputed in backward (K)."""
     k = max(1, round(math.sqrt(length) / chunk)) * chunk
@@ -212,8 +215,8 @@ class _SelectiveScan(torch.autograd.Function):
         batch, dim, length = u.shape
         d_state = A.shape[1]
         groups = B.shape[1] if B.dim() == 4 else 1
-        chunk = _chunk_len(mode, chunk_size, batch, dim, d_state, length)
-        segment = _segment_len(chunk, length)
+        chunk = chunk_len(mode, chunk_size, batch, dim, d_state, length)
+        segment = segment_len(chunk, length)
         needs_grad = any(ctx.needs_input_grad[:8])
         x = _Chunks(delta, B, C, delta_bias, delta_softplus)
         A32 = A.float()

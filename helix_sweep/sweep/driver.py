@@ -19,15 +19,12 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from helix_sweep.config import (
-    ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_dict, to_yaml, trial_from_dict,
-)
-from helix_sweep.plan import order_longest_first
+from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_yaml
 from helix_sweep.sweep import runs, tracking
 from helix_sweep.sweep import schema as S
-from helix_sweep.sweep.grid import oom_reason, with_gpu_micro_batches
+from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
-from helix_sweep.training.checkpoint import check_writable, storage_error
+from helix_sweep.training import check_writable, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +38,7 @@ def experiment_dir(cfg: SweepConfig, name: str) -> Path:
 def check_data(trials: list[TrialSpec]) -> None:
     """Every dataset a trial reads is prepared (synthetic ones are generated here, once, so parallel
     trials do not race to generate them)."""
-    from helix_sweep.data import DatasetNotPrepared
-    from helix_sweep.data.tasks import require_prepared
+    from helix_sweep.training import DatasetNotPrepared, require_prepared
 
     for root, dataset in sorted({(t.data_root, t.dataset) for t in trials if t.status == "run"}):
         try:
@@ -69,11 +65,12 @@ def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
                           f"command, or pick a new experiment=NAME. Differences:\n{diff}")
 
 
-def train_trial(config: dict, specs: dict) -> None:
+def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
     """The Tune trainable: fit one TorchTrainer for this trial (resuming its Train run if any).
 
     config carries only the trial key (and a search's sampled values), so Tune's table and state
-    stay small; the specs ride along through tune.with_parameters."""
+    stay small; the TrialSpecs themselves ride along through tune.with_parameters and on to the
+    Train workers (train_loop_config), in the one form they have from grid expansion on."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -82,8 +79,7 @@ def train_trial(config: dict, specs: dict) -> None:
     from helix_sweep.sweep.search import apply_sample
     from helix_sweep.sweep.worker import train_worker
 
-    trial = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
-    spec = trial_from_dict(trial)
+    spec = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
     name = spec.key.replace("/", "__")
     run_dir = str(Path(config["storage_path"]) / name)
     r = spec.resources
@@ -91,7 +87,7 @@ def train_trial(config: dict, specs: dict) -> None:
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = lambda: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
-        train_loop_config={"trial": trial,
+        train_loop_config={"trial": spec,
                            "tracking": {**config["tracking"], "run_dir": run_dir},
                            "threads": max(1, int(r.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -216,7 +212,7 @@ def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> N
             continue
         run = runs.create_trial_run(
             client, experiment_id, t.key, t.dataset, t.variant, t.fold_label,
-            tags={S.STATUS: S.PLANNED_OOM, S.RESUMES: "0", S.STOP_REASON: oom_reason(t)},
+            tags={S.STATUS: S.PLANNED_OOM, S.RESUMES: "0", S.STOP_REASON: t.budget.oom_reason},
             params={"variant": t.variant, "pattern": t.pattern, S.FRONTEND: t.frontend, "dataset": t.dataset,
                     "fold": t.fold_label, S.TOKENS_PER_CLIP: t.tokens, "attention_impl": t.model.attention_impl,
                     "gpu_memory_gb": t.resources.gpu_memory_gb, "num_workers": t.resources.num_workers})
@@ -258,13 +254,11 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **TRAIN_POLL}})
     gpus_now, gpus = cluster_gpus(autoscaling=cfg.ray_address is not None)  # a local Ray cannot grow
     runnable = resolve_use_gpu(runnable, gpus)
-    if any(t.resources.use_gpu == "true" for t in runnable):  # GPU trials: micro-batches that fit
-        runnable = with_gpu_micro_batches(runnable)
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
     concurrent = max_concurrent(cfg, runnable, gpus)
-    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches: %s",
+    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches on a GPU: %s",
              gpus_now, gpus, len(runnable), concurrent,
-             ", ".join(f"{t.key}={t.train.micro_batch or t.train.batch_size}" for t in runnable[:8])
+             ", ".join(f"{t.key}={t.budget.micro_batch}x{t.budget.grad_accum}" for t in runnable[:8])
              + (" ..." if len(runnable) > 8 else ""))
     param_space = {
         "tracking": {"uri": uri},
@@ -284,7 +278,7 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
     else:
         param_space["trial_key"] = tune.grid_search([t.key for t in runnable])
     # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
-    specs = tune.with_parameters(train_trial, specs={t.key: to_dict(t) for t in runnable})
+    specs = tune.with_parameters(train_trial, specs={t.key: t for t in runnable})
     trainable = tune.with_resources(specs, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures))

@@ -7,13 +7,15 @@ its Ray Train run, checkpoints and MLflow run are its own and a restored search 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
+from dataclasses import replace
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from ray import tune
 
-from helix_sweep.config import ConfigError, SearchConfig
+from helix_sweep.config import ConfigError, SearchConfig, TrialSpec
 
 DISTRIBUTIONS = {
     "loguniform": lambda d: tune.loguniform(float(d["low"]), float(d["high"])),
@@ -52,22 +54,19 @@ def sample_key(base_key: str, config: dict) -> str:
     return f"{base_key}/s{digest}"
 
 
-def apply_sample(trial: dict, config: dict) -> dict:
-    """The base trial dict with the sampled train.* values set and a key of its own."""
+def apply_sample(trial: TrialSpec, config: dict) -> TrialSpec:
+    """The base trial with the sampled train.* values set (type-checked) and a key of its own."""
     values = sampled(config)
     if not values:
         return trial
-    out = copy.deepcopy(trial)
+    node = OmegaConf.structured(trial)
     for dotted, value in values.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise ConfigError(f"search.space: {dotted} is not a config key")
-        node[leaf] = value
-    out["key"] = sample_key(trial["key"], config)
-    return out
+        try:
+            OmegaConf.update(node, dotted, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"search.space: {dotted}={value!r} is not a valid config value: {exc}") from None
+    out: TrialSpec = OmegaConf.to_object(node)  # type: ignore[assignment]
+    return replace(out, key=sample_key(trial.key, config))
 
 
 def searcher_and_scheduler(search: SearchConfig, epochs: int):

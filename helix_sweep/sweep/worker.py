@@ -27,11 +27,12 @@ from typing import Optional
 import ray.train
 import torch
 
-from helix_sweep.config import TrialSpec, to_yaml, trial_from_dict
+from helix_sweep import training
+from helix_sweep.config import TrialSpec, to_yaml
 from helix_sweep.sweep import schema as S
-from helix_sweep.training import checkpoint as ckpt
-from helix_sweep.training.checkpoint import CheckpointStorageError, Progress, save_state
-from helix_sweep.training.loop import run_training
+from helix_sweep.training import (
+    CheckpointStorageError, EpochResult, Progress, TrialReport, run_training, save_state,
+)
 
 log = logging.getLogger(__name__)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
@@ -58,17 +59,17 @@ class RayMlflowReporter:
         in between (seen with ray.cluster_utils.Cluster.remove_node) leaves the snapshot one behind
         or empty, so the run directory is scanned (local or mounted shared storage). A checkpoint
         that does not load (cut short by a full disk) is skipped for the one before it."""
-        found = ckpt.load_newest(ckpt.checkpoints_on_disk(self.run_dir), warn=log.warning)
+        found = training.load_newest(training.checkpoints_on_disk(self.run_dir), warn=log.warning)
         state = found[1] if found else None
         if state is None and (latest := ray.train.get_checkpoint()) is not None:
             with latest.as_directory() as d:
-                state = ckpt.load_state(Path(d))
+                state = training.load_state(Path(d))
         elif found:
             log.info("%s: newest checkpoint %s", self.spec.key, found[0])
         self.resumed = state is not None
         return state
 
-    def start(self, progress: Progress, info: dict) -> str:
+    def start(self, progress: Progress, trial: TrialReport) -> str:
         if self.rank != 0:
             return progress.run_id
         from helix_sweep.sweep.trial_run import TrialRun, code_version, package_versions
@@ -79,13 +80,13 @@ class RayMlflowReporter:
             **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
             "variant": s.variant, S.FRONTEND: s.frontend, "pattern": s.pattern,
             "attention_positions": [i for i, c in enumerate(s.pattern) if c == "A"], "dataset": s.dataset,
-            "fold": s.fold_label, "n_params": info["n_params"], "n_params_per_layer": info["n_params_per_layer"],
-            "d_model": s.model.d_model, "d_state": s.model.d_state, "d_ffn": info["d_ffn"],
-            S.TOKENS_PER_CLIP: info["tokens_per_clip"], S.POOL_TOKENS: s.pool_tokens or "all",
-            "micro_batch": info["micro_batch"], "grad_accum": info["grad_accum"],
+            "fold": s.fold_label, "n_params": trial.n_params, "n_params_per_layer": trial.n_params_per_layer,
+            "d_model": s.model.d_model, "d_state": s.model.d_state, "d_ffn": trial.d_ffn,
+            S.TOKENS_PER_CLIP: trial.tokens_per_clip, S.POOL_TOKENS: s.pool_tokens or "all",
+            "micro_batch": trial.micro_batch, "grad_accum": trial.grad_accum,
             "attention_impl": s.model.attention_impl, "num_workers": self.world_size,
-            "git_sha": code_version(), "versions": package_versions(), "n_train": info["task"].get("n_train"),
-            "n_test": info["task"].get("n_test"), "num_classes": len(info["label_names"]),
+            "git_sha": code_version(), "versions": package_versions(), "n_train": trial.task.get("n_train"),
+            "n_test": trial.task.get("n_test"), "num_classes": len(trial.label_names),
         }
         if progress.status != "running" and progress.run_id and self.run.is_closed(progress.run_id, progress.status):
             # relaunched after its final checkpoint (e.g. a driver killed seconds after the end):
@@ -97,9 +98,9 @@ class RayMlflowReporter:
         # deliver epochs a kill cut off between checkpoint commit and logging
         self.run.logged_epochs()
         self.run.log_epochs(progress.history)
-        self.label_names = info["label_names"]
+        self.label_names = trial.label_names
         try:  # an unwritable storage fails a (re)start at once, not a checkpoint interval later
-            ckpt.check_writable(self.run_dir)
+            training.check_writable(self.run_dir)
         except OSError as exc:
             raise self.storage_failure(exc, progress) from exc
         return run_id
@@ -112,23 +113,23 @@ class RayMlflowReporter:
             out.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("_")})
         return out
 
-    def commit(self, state: dict, metrics: Optional[dict], progress: Progress) -> None:
+    def commit(self, state: dict, epoch: Optional[EpochResult], progress: Progress) -> None:
         self.reported = True
-        result = self.tune_metrics(progress, metrics)
+        result = self.tune_metrics(progress, epoch.metrics if epoch else None)
         final = progress.status != "running"
         # the final checkpoint goes without "epoch": a scheduler (ASHA) acting on it could stop the
         # trial, tearing this worker down before its MLflow run is closed
         first = {k: v for k, v in result.items() if k != "epoch"} if final else result
-        best = bool(metrics and "confusion" in metrics)  # evaluation returns a confusion matrix at a new best
+        best = epoch is not None and epoch.is_best
         if self.rank != 0:
             ray.train.report(first, checkpoint=None)
         else:
             try:
-                self.persist(state, first, ckpt.checkpoint_name(progress.epoch, progress.global_step, final),
+                self.persist(state, first, training.checkpoint_name(progress.epoch, progress.global_step, final),
                              best=best)
             except OSError as exc:
                 raise self.storage_failure(exc, progress) from exc
-            self.log(metrics, progress, state, best)
+            self.log(epoch, progress, state)
             if final:
                 self.close(progress)
         if final:
@@ -143,7 +144,7 @@ class RayMlflowReporter:
             ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=name)
             if best:
-                save_state(state, Path(self.run_dir) / ckpt.BEST_DIR)
+                save_state(state, Path(self.run_dir) / training.BEST_DIR)
             self.prune()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -157,34 +158,34 @@ class RayMlflowReporter:
         except (OSError, ValueError, KeyError, TypeError) as exc:  # no record yet, or a new format: keep all
             log.debug("not pruning %s: %s", self.run_dir, exc)
             return
-        for d in ckpt.prune(self.run_dir, self.spec.train.keep_checkpoints, protected):
+        for d in training.prune(self.run_dir, self.spec.train.keep_checkpoints, protected):
             log.info("%s: pruned checkpoint %s", self.spec.key, d.name)
 
     def storage_failure(self, exc: BaseException, progress: Progress) -> CheckpointStorageError:
         """Record the trial as failed with the reason (unless its run already closed as finished)."""
-        error = ckpt.storage_error(self.spec.key, self.run_dir, exc)
+        error = training.storage_error(self.spec.key, self.run_dir, exc)
         log.error("%s", error)
         self.stop_reason = str(error)
         self.close(replace(progress, status="failed"))
         return error
 
-    def log(self, metrics: Optional[dict], progress: Progress, state: dict, best: bool) -> None:
+    def log(self, epoch: Optional[EpochResult], progress: Progress, state: dict) -> None:
         if self.run is None:
             return
-        if not metrics:
+        if epoch is None:
             self.run.buffer.flush()
             return
         self.run.log_epochs([dict(progress.history[-1])])
-        if best:
-            self.run.log_artifacts(metrics["confusion"], self.label_names)
+        if epoch.is_best:
+            self.run.log_artifacts(epoch.confusion, self.label_names)
             if self.spec.train.log_model:
                 self.best_model = {k: v.detach().clone() for k, v in state["model"].items()}
 
-    def finish(self, progress: Progress, info: dict) -> None:
+    def finish(self, progress: Progress, trial: TrialReport) -> None:
         if not self.reported:  # relaunched after its end: Tune's scheduler and searcher still need a result
             ray.train.report(self.tune_metrics(progress, None), checkpoint=None)
-        if "stop_reason" in info:
-            self.stop_reason = info["stop_reason"]
+        if trial.stop_reason:
+            self.stop_reason = trial.stop_reason
         self.close(progress)
 
     def close(self, progress: Progress) -> None:
@@ -221,7 +222,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     logging.basicConfig(level=logging.INFO)
-    spec = trial_from_dict(config["trial"])
+    spec: TrialSpec = config["trial"]
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     reporter = RayMlflowReporter(spec, config["tracking"])
     started = time.monotonic()

@@ -1,10 +1,11 @@
 """The training loop of one trial: `run_training(spec, reporter)`. Knows nothing of Ray or MLflow.
 
-The reporter (helix_sweep.sweep.worker for Ray Train; tests may pass their own) loads the latest
-checkpoint, commits new ones, and receives per-epoch metrics only together with a committed
-checkpoint, so a resumed trial never re-logs an epoch. The data order is a permutation seeded by
-(seed, epoch), so a resume only needs the epoch and the step within it; augmentation draws from one
-generator whose state is checkpointed.
+The reporter (helix_sweep.sweep.worker for Ray Train; tests may pass their own; the seam's types
+are in helix_sweep.training.reporting) loads the latest checkpoint, commits new ones, and receives
+each epoch's result only together with a committed checkpoint, so a resumed trial never re-logs an
+epoch. The data order is a permutation seeded by (seed, epoch), so a resume only needs the epoch
+and the step within it; augmentation draws from one generator whose state is checkpointed. Test
+faults (train.inject) come in through helix_sweep.training.faults.
 
 Legend: B batch, T samples, C classes.
 """
@@ -15,37 +16,26 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from helix_sweep.config import TrialSpec
+from helix_sweep.config import AugmentSettings, TrialSpec
 from helix_sweep.data import open_task
-from helix_sweep.data.augment import AugmentConfig, augment_batch, mixup
-from helix_sweep.models import build_classifier, count_params
+from helix_sweep.data.augment import augment_and_mix
+from helix_sweep.models import build_classifier_from
 from helix_sweep.training.checkpoint import Progress, rng_state, set_rng_state
+from helix_sweep.training.faults import Faults
+from helix_sweep.training.reporting import EpochResult, Reporter, TrialReport
 
 log = logging.getLogger(__name__)
-
-
-class Reporter(Protocol):
-    rank: int
-    world_size: int
-
-    def load(self) -> Optional[dict]: ...  # the latest committed checkpoint state, or None
-
-    def start(self, progress: Progress, info: dict) -> str: ...  # open/reopen the run; returns run id
-
-    def commit(self, state: dict, metrics: Optional[dict], progress: Progress) -> None: ...
-
-    def finish(self, progress: Progress, info: dict) -> None: ...
+NO_FAULTS = Faults()
 
 
 class TrialStopped(Exception):
@@ -125,22 +115,17 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
 
-def _augment_config(spec: TrialSpec) -> AugmentConfig:
-    a = spec.train.augment
-    return AugmentConfig(
-        time_shift_s=a.time_shift_s, gain=(a.gain_min, a.gain_max), noise_std=a.noise_std,
-        mixup_alpha=a.mixup_alpha, shift_enabled=a.shift, gain_enabled=a.gain, noise_enabled=a.noise,
-        mixup_enabled=a.mixup,
-    )
+def micro_batch(spec: TrialSpec, device: torch.device, per_rank_batch: int) -> int:
+    """Clips per micro-step: on a GPU the one planned at grid expansion (spec.budget: train.micro_batch
+    if set, else the largest that fits the GPU), elsewhere train.micro_batch, or the whole batch."""
+    planned = spec.budget.micro_batch if device.type == "cuda" else 0
+    return min(planned or spec.train.micro_batch or per_rank_batch, per_rank_batch)
 
 
 def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> Setup:
     device = pick_device()
-    m = spec.model
-    model = build_classifier(spec.pattern, spec.frontend, num_classes, d_model=m.d_model,
-                             pool_tokens=spec.pool_tokens, d_state=m.d_state, d_conv=m.d_conv,
-                             expand=m.expand, num_heads=m.num_heads, attention_impl=m.attention_impl,
-                             pos_encoding=m.pos_encoding).to(device)
+    model = build_classifier_from(spec.model, spec.pattern, spec.frontend, num_classes,
+                                  spec.pool_tokens).to(device)
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -148,7 +133,7 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     per_rank_batch = t.batch_size // world_size
     if per_rank_batch < 1:
         raise ValueError(f"train.batch_size={t.batch_size} is smaller than the {world_size} DDP workers")
-    micro = min(t.micro_batch or per_rank_batch, per_rank_batch)
+    micro = micro_batch(spec, device, per_rank_batch)
     steps_per_epoch = max((n_train // world_size) // per_rank_batch, 1)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -158,66 +143,42 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     return Setup(model, optimizer, scheduler, scaler, device, amp_dtype, steps_per_epoch, micro)
 
 
-def trial_info(spec: TrialSpec, setup: Setup, task) -> dict:
+def trial_report(spec: TrialSpec, setup: Setup, task) -> TrialReport:
     core = setup.model.module if hasattr(setup.model, "module") else setup.model
     report = core.param_report()
-    return {
-        "n_params": report["total"], "n_params_per_layer": report["layers"], "d_ffn": report["d_ffn"],
-        "tokens_per_clip": core.num_tokens(task.clip_samples), "micro_batch": setup.micro_batch,
-        "grad_accum": (spec.train.batch_size // max(1, _world(setup))) // setup.micro_batch,
-        "steps_per_epoch": setup.steps_per_epoch, "device": str(setup.device),
-        "precision": str(setup.amp_dtype or "fp32"), "label_names": list(task.label_names),
-        "task": dict(task.info),
-    }
+    return TrialReport(
+        n_params=report["total"], n_params_per_layer=report["layers"], d_ffn=report["d_ffn"],
+        tokens_per_clip=core.num_tokens(task.clip_samples), micro_batch=setup.micro_batch,
+        grad_accum=(spec.train.batch_size // max(1, _world(setup))) // setup.micro_batch,
+        steps_per_epoch=setup.steps_per_epoch, device=str(setup.device),
+        precision=str(setup.amp_dtype or "fp32"), label_names=list(task.label_names), task=dict(task.info),
+    )
 
 
 def _world(setup: Setup) -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _fault(spec: TrialSpec, what: str) -> Optional[int]:
-    """Test hook: the step of injected fault `what`, if any. inject.trial limits the faults to trial
-    keys containing it; inject.per_trial maps key substrings to their own fault dicts."""
-    inject = spec.train.inject
-    for part, faults in (inject.get("per_trial") or {}).items():
-        if part in spec.key and what in faults:
-            return faults[what]
-    if inject.get("trial") and inject["trial"] not in spec.key:
-        return None
-    return inject.get(what)
-
-
-def _inject(spec: TrialSpec, step: int, what: str) -> bool:
-    at = _fault(spec, what)
-    return step in at if isinstance(at, (list, tuple)) else at == step
-
-
 def train_step(setup: Setup, spec: TrialSpec, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-               num_classes: int, aug: AugmentConfig, global_step: int) -> tuple[float, float]:
+               num_classes: int, aug: AugmentSettings, global_step: int,
+               faults: Faults = NO_FAULTS) -> tuple[float, float]:
     """One optimizer step over a batch, in micro-batches; returns (loss sum, correct) or raises."""
     model, opt, device = setup.model, setup.optimizer, setup.device
-    x = augment_batch(x, aug, gen)  # (B, T)
-    if aug.mixup_enabled and aug.mixup_alpha > 0:
-        x, target = mixup(x, y, num_classes, aug.mixup_alpha, gen)  # target (B, C) soft
-    else:
-        target = F.one_hot(y, num_classes).float()
+    x, target = augment_and_mix(x, y, aug, num_classes, gen)  # (B, T), soft target (B, C)
     x, y, target = x.to(device), y.to(device), target.to(device)
     opt.zero_grad(set_to_none=True)
     loss_sum, correct = 0.0, 0.0
     n = x.shape[0]
     for start in range(0, n, setup.micro_batch):
         xs, ts = x[start:start + setup.micro_batch], target[start:start + setup.micro_batch]
-        if _inject(spec, global_step, "oom_at_step"):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)")
+        faults.before_micro_step(global_step)
         # DDP all-reduces gradients in backward: only once per step, on the last micro-batch
         last = start + setup.micro_batch >= n
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with _autocast(device, setup.amp_dtype):
                 logits = model(xs)  # (b, C)
             loss = torch.sum(-ts * F.log_softmax(logits.float(), dim=-1), dim=-1).sum() / n  # mean over the batch
-            nan_from = _fault(spec, "nan_from_step")
-            if _inject(spec, global_step, "nan_at_step") or (nan_from is not None and global_step >= nan_from):
-                loss = loss * float("nan")
+            loss = faults.loss(loss, global_step)
             if not torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 return float("nan"), 0.0
@@ -255,25 +216,25 @@ def run_training(spec: TrialSpec, reporter: Reporter) -> Progress:
         set_rng_state(state["rng"])
         progress = Progress.from_state_dict(state["progress"])
         log.info("%s: resuming at epoch %d step %d", spec.key, progress.epoch, progress.step_in_epoch)
-    info = trial_info(spec, setup, task)
-    progress.run_id = reporter.start(progress, info)
+    trial = trial_report(spec, setup, task)
+    progress.run_id = reporter.start(progress, trial)
     if progress.status != "running":  # the final checkpoint exists: finish at once, idempotently
-        reporter.finish(progress, info)
+        reporter.finish(progress, trial)
         return progress
+    faults = Faults(t.inject, spec.key)
     try:
-        _train(spec, setup, task, gen, progress, reporter, info)
+        _train(spec, setup, task, gen, progress, reporter, faults)
     except TrialStopped as stop:
         progress.status = stop.status
-        info["stop_reason"] = stop.detail
+        trial.stop_reason = stop.detail
         log.warning("%s stopped: %s", spec.key, stop)
     except torch.cuda.OutOfMemoryError as exc:
         progress.status = "oom"
-        info["stop_reason"] = (f"out of memory at {info['tokens_per_clip']} tokens/clip, "
-                               f"micro-batch {setup.micro_batch}: {str(exc).splitlines()[0]}")
-        log.error("%s: %s", spec.key, info["stop_reason"])
-    if _fault(spec, "sleep_before_finish"):  # test hook: widen the gap a scheduler's stop can fall into
-        time.sleep(float(_fault(spec, "sleep_before_finish")))
-    reporter.finish(progress, info)
+        trial.stop_reason = (f"out of memory at {trial.tokens_per_clip} tokens/clip, "
+                             f"micro-batch {setup.micro_batch}: {str(exc).splitlines()[0]}")
+        log.error("%s: %s", spec.key, trial.stop_reason)
+    faults.before_finish()
+    reporter.finish(progress, trial)
     return progress
 
 
@@ -308,9 +269,8 @@ def _snapshot(spec: TrialSpec, setup: Setup, gen: torch.Generator, progress: Pro
     }
 
 
-def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter, info: dict) -> None:
+def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter, faults: Faults) -> None:
     t = spec.train
-    aug = _augment_config(spec)
     world, rank = reporter.world_size, reporter.rank
     per_rank_batch = t.batch_size // world
     last_ckpt = time.monotonic()
@@ -322,12 +282,9 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
         while progress.step_in_epoch < setup.steps_per_epoch:
             i = progress.step_in_epoch
             x, y = task.train.get_batch(order[i * per_rank_batch:(i + 1) * per_rank_batch].tolist())
-            if _inject(spec, progress.global_step, "kill_at_step"):
-                marker = _fault(spec, "kill_marker")
-                _kill_once(f"{marker}.{progress.global_step}" if marker else "")
-            if _fault(spec, "sleep_per_step"):
-                time.sleep(float(_fault(spec, "sleep_per_step")))
-            loss_sum, correct = train_step(setup, spec, x, y, gen, task.num_classes, aug, progress.global_step)
+            faults.before_step(progress.global_step)
+            loss_sum, correct = train_step(setup, spec, x, y, gen, task.num_classes, t.augment, progress.global_step,
+                                           faults)
             progress.step_in_epoch += 1
             progress.global_step += 1
             if math.isnan(loss_sum):
@@ -349,19 +306,19 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
                 reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
                 last_ckpt = time.monotonic()
         progress.epoch_seconds += time.monotonic() - started
-        metrics = _end_epoch(spec, setup, task, progress)
+        epoch = _end_epoch(spec, setup, task, progress)
         if progress.epoch >= t.epochs:
             # the last epoch's report is the final one: a scheduler that stops trials at max_t
             # (ASHA) then stops a finished trial, never one between its last epoch and its end
             progress.status = "finished"
-        reporter.commit(_snapshot(spec, setup, gen, progress, world), metrics, progress)
+        reporter.commit(_snapshot(spec, setup, gen, progress, world), epoch, progress)
         last_ckpt = time.monotonic()
     if progress.status == "running":  # resumed with every epoch already done (epochs lowered)
         progress.status = "finished"
         reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
 
 
-def _end_epoch(spec, setup: Setup, task, progress: Progress) -> dict:
+def _end_epoch(spec, setup: Setup, task, progress: Progress) -> EpochResult:
     evaluated = evaluate(setup.model, task.test, setup.device, spec.train.batch_size, setup.amp_dtype,
                          task.num_classes)
     progress.epoch += 1
@@ -375,9 +332,9 @@ def _end_epoch(spec, setup: Setup, task, progress: Progress) -> dict:
         "peak_mem_mb": _peak_mem_mb(setup.device), "nonfinite_steps": progress.nonfinite_total,
         "_ts": int(time.time() * 1000),  # when the epoch ended: a re-delivered log keeps its timestamp
     }
-    if evaluated["acc"] > progress.best_test_acc:
+    is_best = evaluated["acc"] > progress.best_test_acc
+    if is_best:
         progress.best_test_acc, progress.best_epoch = evaluated["acc"], progress.epoch
-        metrics["confusion"] = evaluated["confusion"].tolist()
     if task.val is not None:
         val = evaluate(setup.model, task.val, setup.device, spec.train.batch_size, setup.amp_dtype,
                        task.num_classes)
@@ -386,11 +343,11 @@ def _end_epoch(spec, setup: Setup, task, progress: Progress) -> dict:
             progress.best_val_acc, progress.test_acc_at_best_val = val["acc"], evaluated["acc"]
         metrics["test_acc_at_best_val"] = progress.test_acc_at_best_val
     metrics.update(best_test_acc=progress.best_test_acc, best_epoch=progress.best_epoch)
-    progress.history.append({k: v for k, v in metrics.items() if k != "confusion"})
+    progress.history.append(dict(metrics))
     progress.step_in_epoch = 0
     progress.epoch_loss_sum = progress.epoch_correct = 0.0
     progress.epoch_seen, progress.epoch_seconds = 0, 0.0
-    return metrics
+    return EpochResult(metrics, is_best, evaluated["confusion"].tolist() if is_best else None)
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -399,13 +356,3 @@ def _peak_mem_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _kill_once(marker: str) -> None:
-    """Test hook: SIGKILL this worker the first time only (the marker file, one per kill step, records it)."""
-    if marker and os.path.exists(marker):
-        return
-    if marker:
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-    os.kill(os.getpid(), signal.SIGKILL)
