@@ -33,6 +33,9 @@ class ModelConfig:
     num_heads: int = 4  # attention heads
     attention_impl: str = "sdpa"  # sdpa | naive (materialises L x L weights, as the study did)
     pos_encoding: str = "sinusoidal"  # sinusoidal | none (the spec names none; see README)
+    # selective scan: auto (mamba_ssm's CUDA kernels when a probe shows they run, else Triton on
+    # CUDA, else pure PyTorch) | cuda | triton | pure; an explicit one that cannot run fails at build
+    scan_impl: str = "auto"
 
 
 @dataclass
@@ -168,6 +171,7 @@ class SweepConfig:
 CHOICES = {
     "model.attention_impl": ("sdpa", "naive"),
     "model.pos_encoding": ("sinusoidal", "none"),
+    "model.scan_impl": ("auto", "cuda", "triton", "pure"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "resources.use_gpu": ("auto", "true", "false"),
     "search.mode": ("max", "min"),

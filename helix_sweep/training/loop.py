@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from helix_sweep.config import TrialSpec
 from helix_sweep.data import open_task
 from helix_sweep.data.augment import AugmentConfig, augment_batch, mixup
-from helix_sweep.models import build_classifier, count_params
+from helix_sweep.models import build_classifier, count_params, resolve_scan_impl
 from helix_sweep.training.checkpoint import Progress, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,10 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     model = build_classifier(spec.pattern, spec.frontend, num_classes, d_model=m.d_model,
                              pool_tokens=spec.pool_tokens, d_state=m.d_state, d_conv=m.d_conv,
                              expand=m.expand, num_heads=m.num_heads, attention_impl=m.attention_impl,
-                             pos_encoding=m.pos_encoding).to(device)
+                             pos_encoding=m.pos_encoding, scan_impl=m.scan_impl).to(device)
+    if "M" in spec.pattern:  # an explicit scan_impl that cannot run here fails before the first step
+        log.info("selective scan: scan_impl=%s runs %s on %s", m.scan_impl,
+                 resolve_scan_impl(m.scan_impl, device), device)
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
