@@ -205,6 +205,11 @@ def _scan_bwd_kernel(
     tl.store(dbias_ptr + b * E + e, dbias_acc, mask=e_ok)
 
 
+def _grouped(x):
+    """(B, N, L) -> (B, 1, N, L); grouped (B, G, N, L) as is."""
+    return x if x.dim() == 4 else x.unsqueeze(1)
+
+
 def _block_e(batch, dim, groups, d_state):
     """Channels per program: a power of two dividing E / G (a block stays in one group), smaller
     when the batch is small so that B * E / BLOCK_E programs still fill a GPU, and smaller for
@@ -225,18 +230,17 @@ class _SelectiveScanTriton(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size, block_e):
         batch, dim, length = u.shape
         d_state = A.shape[1]
-        grouped = B.dim() == 4
-        u, delta = u.contiguous(), delta.contiguous()
-        B4 = (B if grouped else B.unsqueeze(1)).contiguous()  # (B, G, N, L)
-        C4 = (C if C.dim() == 4 else C.unsqueeze(1)).contiguous()  # (B, G, N, L)
-        groups = B4.shape[1]
+        # .contiguous() returns the input itself when it already is: nothing is copied or saved twice.
+        u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
+        B4, C4 = _grouped(B), _grouped(C)  # (B, G, N, L) views
+        groups = B4.shape[1]
         A32 = A.float().contiguous()
         chunk = chunk_size or min(64, triton.next_power_of_2(length))
         block = block_e or _block_e(batch, dim, groups, d_state)
-        if (dim // groups) % block:
+        if groups > 1 and (dim // groups) % block:  # a block must not straddle two groups
             raise ValueError(f"selective_scan_triton: block_e={block} must divide d_inner/groups="
-                             f"{dim // groups}")
+                             f"{dim // groups} for grouped B/C")
         n_chunks = triton.cdiv(length, chunk)
         needs_grad = any(ctx.needs_input_grad[:8])
 
@@ -255,15 +259,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
         last_state = last.to(A.dtype)
         ctx.mark_non_differentiable(last_state)
         if needs_grad:
-            ctx.save_for_backward(u, delta, A32, B4, C4, D, z, delta_bias, states)
-            ctx.shapes = (A.dtype, B.dim(), C.dim(), B.dtype, C.dtype)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
             ctx.delta_softplus, ctx.chunk, ctx.block = bool(delta_softplus), chunk, block
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        u, delta, A32, B4, C4, D, z, delta_bias, states = ctx.saved_tensors
-        A_dtype, B_dim, C_dim, B_dtype, C_dtype = ctx.shapes
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        A32, B4, C4 = A.float().contiguous(), _grouped(B), _grouped(C)  # (E, N), (B, G, N, L) x 2
         chunk, block = ctx.chunk, ctx.block
         batch, dim, length = u.shape
         groups, d_state = B4.shape[1], B4.shape[2]
@@ -293,9 +296,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
             return part.view(groups, n_blocks // groups, batch, d_state, length).sum(1).transpose(0, 1)
 
         dB, dC = by_group(dB_part), by_group(dC_part)
-        dB = (dB if B_dim == 4 else dB.squeeze(1)).to(B_dtype)
-        dC = (dC if C_dim == 4 else dC.squeeze(1)).to(C_dtype)
-        dA = dA_part.sum(0).to(A_dtype)  # (E, N)
+        dB = (dB if B.dim() == 4 else dB.squeeze(1)).to(B.dtype)
+        dC = (dC if C.dim() == 4 else dC.squeeze(1)).to(C.dtype)
+        dA = dA_part.sum(0).to(A.dtype)  # (E, N)
         dD = dD_part.sum(0).to(D.dtype) if D is not None else None
         dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
