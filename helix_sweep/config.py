@@ -264,7 +264,7 @@ def load_config(overrides: list[str] | None = None) -> SweepConfig:
 def check_config(cfg: SweepConfig) -> None:
     """Value checks that types alone do not catch; each names the key and the valid values."""
     values = {"model.attention_impl": cfg.model.attention_impl, "model.pos_encoding": cfg.model.pos_encoding,
-              "train.precision": cfg.train.precision,
+              "model.scan_impl": cfg.model.scan_impl, "train.precision": cfg.train.precision,
               "resources.use_gpu": str(cfg.resources.use_gpu).lower(), "search.mode": cfg.search.mode}
     for key, value in values.items():
         if value not in CHOICES[key]:
