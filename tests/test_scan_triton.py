@@ -22,11 +22,11 @@ from test_scan import GRAD_NAMES, make_inputs, reference_scan, rel_err, run_with
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 CASES = [
-    # (batch, dim, d_state, length, groups, chunk_size, block_e)
-    (2, 4, 3, 37, None, 16, 2),  # L not a multiple of the chunk, N padded 3 -> 4, two channel blocks
-    (1, 3, 2, 1, None, None, None),  # a single step; E padded 3 -> 4 inside one block
-    (2, 4, 3, 13, 2, 8, 2),  # grouped B/C: one channel block per group
-    (2, 4, 2, 16, None, 16, 4),  # L exactly one chunk
+    # (batch, dim, d_state, length, groups, chunk_size, block_e, splits)
+    (2, 4, 3, 37, None, 4, 2, 3),  # 10 chunks, the last ragged, in 3 parallel splits; N padded 3 -> 4
+    (1, 3, 2, 1, None, None, None, None),  # a single step; E padded 3 -> 4 inside one block
+    (2, 4, 3, 13, 2, 4, 2, 2),  # grouped B/C: one channel block per group; 2 splits
+    (2, 4, 2, 16, None, 16, 4, 1),  # L exactly one chunk
 ]
 OPTIONS = {
     "all": dict(drop=(), softplus=True),
@@ -45,16 +45,16 @@ def _inputs(batch, dim, d_state, length, groups, drop, softplus, seed):
 
 
 # Every shape with every optional input, and the first shape without them (interpreter time).
-@pytest.mark.parametrize("option,batch,dim,d_state,length,groups,chunk,block",
+@pytest.mark.parametrize("option,batch,dim,d_state,length,groups,chunk,block,splits",
                          [("all", *case) for case in CASES] + [(o, *CASES[0]) for o in ("none", "z_only")]
                          + [("none", *CASES[2])])
-def test_triton_matches_pure_scan(option, batch, dim, d_state, length, groups, chunk, block):
+def test_triton_matches_pure_scan(option, batch, dim, d_state, length, groups, chunk, block, splits):
     drop, softplus = OPTIONS[option]["drop"], OPTIONS[option]["softplus"]
     inputs = _inputs(batch, dim, d_state, length, groups, drop, softplus, seed=length)
     dout = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ref_out, ref_grads = run_with_grads(selective_scan_pure, inputs, dout, delta_softplus=softplus)
     out, grads = run_with_grads(selective_scan_triton, inputs, dout, delta_softplus=softplus,
-                                chunk_size=chunk, block_e=block)
+                                chunk_size=chunk, block_e=block, splits=splits)
     assert out.dtype == torch.float32 and out.shape == (batch, dim, length)
     assert rel_err(out, ref_out) <= 1e-5
     assert set(grads) == set(ref_grads) == {k for k in GRAD_NAMES if k in inputs}
@@ -66,7 +66,8 @@ def test_triton_matches_pure_scan(option, batch, dim, d_state, length, groups, c
 
 def test_triton_last_state_and_fp64_reference():
     inputs = _inputs(2, 4, 3, 19, None, (), True, seed=4)
-    out, last = selective_scan_triton(**inputs, delta_softplus=True, return_last_state=True, chunk_size=8)
+    out, last = selective_scan_triton(**inputs, delta_softplus=True, return_last_state=True, chunk_size=4,
+                                      splits=2)  # the final state comes from the last split
     ref_out, ref_last = reference_scan(**{k: v.double().cpu() for k, v in inputs.items()}, delta_softplus=True)
     assert last.shape == (2, 4, 3) and last.dtype == torch.float32
     assert rel_err(last.double().cpu(), ref_last) <= 1e-5
@@ -79,7 +80,8 @@ def test_triton_with_large_steps():
     inputs["delta_bias"] = inputs["delta_bias"] + 4.0
     dout = torch.randn(2, 4, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     ref_out, ref_grads = run_with_grads(selective_scan_pure, inputs, dout, delta_softplus=True)
-    out, grads = run_with_grads(selective_scan_triton, inputs, dout, delta_softplus=True, chunk_size=8)
+    out, grads = run_with_grads(selective_scan_triton, inputs, dout, delta_softplus=True, chunk_size=4,
+                                splits=3)  # decays of e^-24 per step carried across splits
     assert rel_err(out, ref_out) <= 1e-5
     for name in GRAD_NAMES:
         assert rel_err(grads[name], ref_grads[name]) <= 1e-5, name
@@ -102,14 +104,15 @@ def test_triton_half_precision_inputs_keep_fp32_state(dtype):
 
 
 def test_triton_saves_chunk_boundary_states_only():
-    # Besides its inputs, the backward keeps the (B, E, N) state every chunk: L/T of them.
+    # Besides its inputs, the backward keeps the (B, E, N) state every chunk (L/T of them) and each
+    # split's sum of steps (B, S, E).
     batch, dim, d_state, length, chunk = 1, 4, 4, 256, 64
     inputs = {k: v.requires_grad_(True) for k, v in _inputs(batch, dim, d_state, length, None, (), True,
                                                             seed=7).items()}
-    out = selective_scan_triton(**inputs, delta_softplus=True, chunk_size=chunk)
+    out = selective_scan_triton(**inputs, delta_softplus=True, chunk_size=chunk, splits=2)
     own = {id(v) for v in inputs.values()}
     extra = [t for t in out.grad_fn.saved_tensors if t is not None and id(t) not in own]
-    assert sum(t.numel() for t in extra) == batch * (length // chunk) * dim * d_state
+    assert sum(t.numel() for t in extra) == batch * (length // chunk) * dim * d_state + batch * 2 * dim
 
 
 def test_mixer_with_triton_scan_matches_pure_and_shares_state_dict():
