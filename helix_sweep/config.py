@@ -35,6 +35,9 @@ class ModelConfig:
     num_heads: int = 4  # attention heads
     attention_impl: str = "sdpa"  # sdpa | naive (materialises L x L weights, as the study did)
     pos_encoding: str = "none"  # none (the paper's) | sinusoidal (an ablation, grid=positions; see README)
+    # selective scan: auto (mamba_ssm's CUDA kernels when a probe shows they run, else Triton on
+    # CUDA, else pure PyTorch) | cuda | triton | pure; an explicit one that cannot run fails at build
+    scan_impl: str = "auto"
 
 
 @dataclass
@@ -176,6 +179,7 @@ class SweepConfig:
 CHOICES = {
     "model.attention_impl": ("sdpa", "naive"),
     "model.pos_encoding": ("sinusoidal", "none"),
+    "model.scan_impl": ("auto", "cuda", "triton", "pure"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "resources.use_gpu": ("auto", "true", "false"),
     "search.mode": ("max", "min"),
@@ -301,7 +305,7 @@ def dataset_catalog() -> Dict[str, DatasetDef]:
 def check_config(cfg: SweepConfig) -> None:
     """Value checks that types alone do not catch; each names the key and the valid values."""
     values = {"model.attention_impl": cfg.model.attention_impl, "model.pos_encoding": cfg.model.pos_encoding,
-              "train.precision": cfg.train.precision,
+              "model.scan_impl": cfg.model.scan_impl, "train.precision": cfg.train.precision,
               "resources.use_gpu": str(cfg.resources.use_gpu).lower(), "search.mode": cfg.search.mode}
     for key, value in values.items():
         if value not in CHOICES[key]:

@@ -13,13 +13,15 @@ from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
 
 
 def trial_table(trials) -> str:
-    """One row per trial, from its budget: `plan` is its feasibility on one GPU of
+    """One row per trial, from its budget: `scan` is model.scan_impl (what `auto` runs is decided on
+    the worker's device and logged as the run's scan_impl param); `plan` is its feasibility on one GPU of
     resources.gpu_memory_gb and `micro x acc` the micro-batch x gradient accumulation it gets there
     (on CPU: train.micro_batch, or the whole batch)."""
-    head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "workers", "plan",
-            "micro x acc", "status")
+    head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "scan", "workers",
+            "plan", "micro x acc", "status")
     rows = [(t.key, t.variant, t.pattern, t.frontend, t.dataset, t.fold_label, str(t.tokens),
-             str(t.pool_tokens or "all"), f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
+             str(t.pool_tokens or "all"), t.model.scan_impl if "M" in t.pattern else "-",
+             f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
              f"{t.budget.feasibility}@{t.resources.gpu_memory_gb:g}GB",
              "-" if t.status == "planned_oom" else f"{t.budget.micro_batch} x {t.budget.grad_accum}", t.status)
             for t in trials]

@@ -1,12 +1,15 @@
 """`python -m helix_sweep.models [clip_seconds=5] [num_classes=50] [d_model=256] [d_state=32]`:
-the parameter table of the six variants (from search_spaces/variants.yaml)."""
+the parameter table of the six variants (from search_spaces/variants.yaml), and the selective scan
+implementation `model.scan_impl=auto` runs on this machine, with each one's availability."""
 
 from __future__ import annotations
 
 import sys
 
 from helix_sweep.config import SEARCH_SPACES, _read_yaml
-from helix_sweep.models import build_classifier
+import torch
+
+from helix_sweep.models import build_classifier, resolve_scan_impl, scan_impl_status
 
 
 def main(argv: list[str]) -> int:
@@ -28,6 +31,10 @@ def main(argv: list[str]) -> int:
               f"{','.join(f'{n:,}' for n in r['layers']):<54}{r['d_ffn']:>6}{m.num_tokens(samples):>8}")
     print(f"\ntokens for a {opts['clip_seconds']:g} s clip at 16 kHz. The paper states ~8.3M parameters; "
           "its layer spec gives the totals above.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"\nselective scan: scan_impl=auto runs {resolve_scan_impl('auto', device)} on {device}")
+    for impl, (runs, why) in scan_impl_status(device).items():
+        print(f"  {impl}: {'available' if runs else 'unavailable'} ({why})")
     return 0
 
 

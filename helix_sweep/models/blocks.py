@@ -21,11 +21,12 @@ class BiMambaBlock(nn.Module):
     output position sees the whole clip.
     """
 
-    def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2):
+    def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2,
+                 scan_impl: str = "auto"):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.mamba_fwd = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-        self.mamba_bwd = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.mamba_fwd = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan_impl=scan_impl)
+        self.mamba_bwd = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, scan_impl=scan_impl)
         self.out = nn.Linear(2 * d_model, d_model)  # Wout: 2D -> D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

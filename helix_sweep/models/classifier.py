@@ -22,7 +22,7 @@ class HelixClassifier(nn.Module):
     def __init__(self, pattern: str, frontend: str, num_classes: int, *, d_model: int = 256,
                  pool_tokens: int | None = None, d_state: int = 32, d_conv: int = 4, expand: int = 2,
                  num_heads: int = 4, attention_impl: str = "sdpa", pos_encoding: str = "sinusoidal",
-                 frontend_options: dict | None = None):
+                 frontend_options: dict | None = None, scan_impl: str = "auto"):
         super().__init__()
         bad = set(pattern) - {"M", "A"}
         if not pattern or bad:
@@ -38,7 +38,7 @@ class HelixClassifier(nn.Module):
         self.d_ffn = matched_d_ffn(d_model, d_state, d_conv, expand)
         self.frontend = FRONTENDS[frontend](d_model, **(frontend_options or {}))
         self.layers = nn.ModuleList(
-            BiMambaBlock(d_model, d_state, d_conv, expand) if kind == "M"
+            BiMambaBlock(d_model, d_state, d_conv, expand, scan_impl) if kind == "M"
             else AttentionBlock(d_model, self.d_ffn, num_heads, attention_impl)
             for kind in pattern
         )
@@ -93,7 +93,8 @@ def build_classifier(pattern: str, frontend: str, num_classes: int, *, d_model: 
                      pool_tokens: int | None = None, **overrides) -> HelixClassifier:
     """Any layer pattern ('MMMMMM', 'MMMAMM', 'AAAAAA', 'AMMMMM', ...) with a 'raw' or 'mel' frontend.
 
-    overrides: d_state, d_conv, expand, num_heads, attention_impl, pos_encoding, frontend_options.
+    overrides: d_state, d_conv, expand, num_heads, attention_impl, pos_encoding, frontend_options,
+    scan_impl (auto | cuda | triton | pure, see helix_sweep.models.scan.resolve_scan_impl).
     """
     return HelixClassifier(pattern, frontend, num_classes, d_model=d_model, pool_tokens=pool_tokens, **overrides)
 

@@ -1,9 +1,11 @@
 """The selective SSM mixer with exactly mamba_ssm's `Mamba` parameterisation.
 
 Parameter names, shapes and initialisation follow mamba_ssm/modules/mamba_simple.py, so a
-state_dict saved here loads into `mamba_ssm.modules.mamba_simple.Mamba` and back. On CUDA with
-mamba_ssm installed the fused `mamba_inner_fn` runs; otherwise the conv1d and the project's own
-selective scan (helix_sweep.models.scan) do the same computation in plain PyTorch.
+state_dict saved here loads into `mamba_ssm.modules.mamba_simple.Mamba` and back, and moves between
+the scan implementations. `scan_impl` (auto | cuda | triton | pure) is resolved per device by
+helix_sweep.models.scan.resolve_scan_impl. The fused `mamba_inner_fn` runs only when the scan
+resolves to "cuda" and a probe shows mamba_inner_fn (which also needs causal-conv1d) really runs;
+otherwise the conv1d runs in PyTorch and `selective_scan` with the resolved implementation.
 
 Legend: B batch, L tokens, D d_model, E d_inner, N d_state, R dt_rank.
 """
@@ -16,12 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helix_sweep.models.scan import selective_scan
-
-try:  # the fused kernels only import on a CUDA machine with mamba-ssm built
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-except Exception:  # ImportError, or the compiled extension failing to load
-    mamba_inner_fn = None
+from helix_sweep.models.scan import SCAN_IMPLS, mamba_mixer_status, resolve_scan_impl, selective_scan
 
 
 class Mamba(nn.Module):
@@ -35,6 +32,7 @@ class Mamba(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         use_fast_path: bool = True,
+        scan_impl: str = "auto",
     ):
         super().__init__()
         self.d_model = d_model
@@ -43,6 +41,9 @@ class Mamba(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16)
         self.use_fast_path = use_fast_path
+        if scan_impl not in SCAN_IMPLS:
+            raise ValueError(f"Mamba: scan_impl={scan_impl!r}, expected one of {', '.join(SCAN_IMPLS)}")
+        self.scan_impl = scan_impl
         E, N, R = self.d_inner, d_state, self.dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
@@ -72,7 +73,10 @@ class Mamba(nn.Module):
         Bsz, L, _ = x.shape
         xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L)
         A = -torch.exp(self.A_log.float())  # (E, N)
-        if self.use_fast_path and mamba_inner_fn is not None and xz.is_cuda:
+        impl = resolve_scan_impl(self.scan_impl, xz.device)  # cached per process and device
+        if impl == "cuda" and self.use_fast_path and mamba_mixer_status(xz.device)[0]:
+            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
             return mamba_inner_fn(
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, None, A, None, None,
@@ -85,6 +89,6 @@ class Mamba(nn.Module):
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, L), bias added in the scan
         y = selective_scan(
             u, delta, A, Bm.transpose(1, 2).contiguous(), Cm.transpose(1, 2).contiguous(),
-            self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, impl=impl,
         )  # (B, E, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, D)

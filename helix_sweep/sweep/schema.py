@@ -56,6 +56,8 @@ TERMINAL_STATUSES = frozenset({FINISHED, OOM, DIVERGED, FAILED, PLANNED_OOM})  #
 FRONTEND = "frontend"
 TOKENS_PER_CLIP = "tokens_per_clip"
 POOL_TOKENS = "pool_tokens"
+SCAN_IMPL = "scan_impl"  # the selective scan the trial ran (cuda | triton | pure | none)
+SCAN_IMPL_REQUESTED = "scan_impl_requested"  # model.scan_impl as configured (auto, or an explicit one)
 
 # Metrics: per epoch (step = epoch), as training names them
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "best_epoch", "lr",

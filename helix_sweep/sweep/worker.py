@@ -75,6 +75,8 @@ class RayMlflowReporter:
         from helix_sweep.sweep.trial_run import TrialRun, code_version, package_versions
 
         s = self.spec
+        log.info("%s: selective scan %s (model.scan_impl=%s) on %s", s.key, trial.scan_impl, s.model.scan_impl,
+                 trial.device)
         self.run = TrialRun(self.tracking["uri"], s.experiment, s.key)
         params = {  # the train settings first: the resolved micro_batch / grad_accum below win
             **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
@@ -85,6 +87,7 @@ class RayMlflowReporter:
             S.TOKENS_PER_CLIP: trial.tokens_per_clip, S.POOL_TOKENS: s.pool_tokens or "all",
             "micro_batch": trial.micro_batch, "grad_accum": trial.grad_accum,
             "attention_impl": s.model.attention_impl, "num_workers": self.world_size,
+            S.SCAN_IMPL: trial.scan_impl, S.SCAN_IMPL_REQUESTED: s.model.scan_impl,
             "git_sha": code_version(), "versions": package_versions(), "n_train": trial.task.get("n_train"),
             "n_test": trial.task.get("n_test"), "num_classes": len(trial.label_names),
         }

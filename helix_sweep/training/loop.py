@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from helix_sweep.config import AugmentSettings, TrialSpec
 from helix_sweep.data import open_task
 from helix_sweep.data.augment import augment_and_mix
-from helix_sweep.models import build_classifier_from
+from helix_sweep.models import build_classifier_from, resolve_scan_impl
 from helix_sweep.training.checkpoint import Progress, rng_state, set_rng_state
 from helix_sweep.training.faults import Faults
 from helix_sweep.training.reporting import EpochResult, Reporter, TrialReport
@@ -126,6 +126,7 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     device = pick_device()
     model = build_classifier_from(spec.model, spec.pattern, spec.frontend, num_classes,
                                   spec.pool_tokens).to(device)
+    scan_impl(spec, device)  # an explicit scan_impl that cannot run here fails before the first step
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -143,6 +144,11 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     return Setup(model, optimizer, scheduler, scaler, device, amp_dtype, steps_per_epoch, micro)
 
 
+def scan_impl(spec: TrialSpec, device: torch.device) -> str:
+    """The selective scan this trial's Mamba layers run on `device` (cached per process), or "none"."""
+    return resolve_scan_impl(spec.model.scan_impl, device) if "M" in spec.pattern else "none"
+
+
 def trial_report(spec: TrialSpec, setup: Setup, task) -> TrialReport:
     core = setup.model.module if hasattr(setup.model, "module") else setup.model
     report = core.param_report()
@@ -151,7 +157,8 @@ def trial_report(spec: TrialSpec, setup: Setup, task) -> TrialReport:
         tokens_per_clip=core.num_tokens(task.clip_samples), micro_batch=setup.micro_batch,
         grad_accum=(spec.train.batch_size // max(1, _world(setup))) // setup.micro_batch,
         steps_per_epoch=setup.steps_per_epoch, device=str(setup.device),
-        precision=str(setup.amp_dtype or "fp32"), label_names=list(task.label_names), task=dict(task.info),
+        precision=str(setup.amp_dtype or "fp32"), scan_impl=scan_impl(spec, setup.device),
+        label_names=list(task.label_names), task=dict(task.info),
     )
 
 

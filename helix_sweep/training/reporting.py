@@ -23,6 +23,7 @@ class TrialReport:
     steps_per_epoch: int
     device: str
     precision: str  # "fp32", or the autocast dtype
+    scan_impl: str  # the selective scan the Mamba layers run here: cuda | triton | pure ("none": no Mamba layer)
     label_names: list[str]
     task: dict = field(default_factory=dict)  # the task's construction record (n_train, n_test, fold, ...)
     stop_reason: str = ""  # set when the trial ends other than finished (diverged, oom), in words

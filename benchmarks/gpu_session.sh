@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One-shot GPU session for the selective scan (issue 11), run from the repository root on a bare GPU
+# machine: `bash benchmarks/gpu_session.sh`. Everything it produces goes under $OUT (default ./gpu_out):
+#   env.txt           GPU, driver, torch/triton versions, what `python -m helix_sweep.models` resolves
+#   tests.log         tests/test_scan.py + tests/test_scan_triton.py on CUDA (Triton compiled, not interpreted)
+#   dispatch.log      tests/test_scan_dispatch.py (needs the training deps; skipped if they do not import)
+#   mamba_build.log   only with BUILD_MAMBA=1: mamba-ssm's CUDA kernels built for this GPU, time-capped
+#   gpu_check.md/.log benchmarks/gpu_check.py (scan rows pure / triton / cuda-when-built, the six variants)
+# Knobs: PY (python3), PARTS ("tests dispatch check": which parts run), BUDGET_S (gpu_check budget, 200),
+# BUILD_MAMBA (0), BUILD_CAP_S (420). Caps: tests 180 s, dispatch 90 s, check BUDGET_S + 90 s, so the
+# default run ends within ~9.5 minutes (a device call allows 10); with BUILD_MAMBA=1 use
+# PARTS=check BUILD_CAP_S=240 BUDGET_S=150 (build + mamba test + gpu_check) in a second call.
+# Offline machines: put wheels in .whl/ (torch 2.11.0, pytest, ...; and the mamba-ssm / causal-conv1d
+# sdists plus nvidia-cuda-nvcc for BUILD_MAMBA=1) and carry it; pip then installs from there only.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+PY=${PY:-python3}
+BUDGET_S=${BUDGET_S:-200}
+PARTS=${PARTS:-tests dispatch check}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET  # compile the kernels for the GPU
+PIP=("$PY" -m pip install -q)
+[ -d .whl ] && PIP+=(--no-index --find-links .whl)
+
+need() { "$PY" -c "import $1" 2>/dev/null || "${PIP[@]}" "$2"; }
+need torch torch==2.11.0
+need triton triton
+need pytest pytest
+need numpy numpy
+need yaml pyyaml
+need omegaconf omegaconf
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  "$PY" -m helix_sweep.models d_model=256 | tail -5
+} >"$OUT/env.txt" 2>&1
+
+if [[ " $PARTS " == *" tests "* ]]; then
+  timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_scan_triton.py \
+    --durations=10 >"$OUT/tests.log" 2>&1; echo "exit $?" >>"$OUT/tests.log"
+fi
+if [[ " $PARTS " == *" dispatch "* ]]; then
+  if "$PY" -c "import helix_sweep.training.loop" 2>/dev/null; then
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan_dispatch.py >"$OUT/dispatch.log" 2>&1
+    echo "exit $?" >>"$OUT/dispatch.log"
+  else
+    "$PY" -c "import helix_sweep.training.loop" >"$OUT/dispatch.log" 2>&1
+    echo "skipped: training deps missing" >>"$OUT/dispatch.log"
+  fi
+fi
+
+if [ "${BUILD_MAMBA:-0}" = 1 ]; then
+  # MAMBA_KEEP_CUDA_BUILD: newer mamba-ssm builds its Mamba-1 scan only on request; MAMBA_FORCE_BUILD:
+  # compile here rather than fetch a prebuilt wheel; TORCH_CUDA_ARCH_LIST / NVCC_APPEND_FLAGS: only this
+  # GPU's architecture where the setup honours them (older setups hard-code their -gencode list).
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
+  start=$(date +%s)
+  {
+    cuda=$("$PY" -c "import torch; print(torch.version.cuda)")
+    command -v nvcc || "${PIP[@]}" "nvidia-cuda-nvcc==${cuda}.*"  # nvcc from PyPI, matching torch's CUDA
+    site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    nvcc=$(command -v nvcc || find "$site/nvidia" -name nvcc -type f 2>/dev/null | head -1)
+    [ -n "$nvcc" ] && export PATH="$(dirname "$nvcc"):$PATH" CUDA_HOME="$(dirname "$(dirname "$nvcc")")"
+    echo "nvcc: ${nvcc:-none}; CUDA_HOME=${CUDA_HOME:-unset}"
+    MAMBA_KEEP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST="$arch" \
+      MAX_JOBS=$(nproc) timeout "${BUILD_CAP_S:-420}" "${PIP[@]}" --no-build-isolation -v mamba-ssm causal-conv1d
+    echo "build exit $? after $(( $(date +%s) - start )) s"
+    "$PY" -c "import torch; from helix_sweep.models.scan import scan_impl_status, mamba_mixer_status as m
+d = torch.device('cuda'); print(scan_impl_status(d)['cuda'], m(d))"
+  } >"$OUT/mamba_build.log" 2>&1
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan.py -k mamba_kernel >>"$OUT/mamba_build.log" 2>&1
+fi
+
+if [[ " $PARTS " == *" check "* ]]; then
+  timeout $(( BUDGET_S + 90 )) "$PY" benchmarks/gpu_check.py --budget-s "$BUDGET_S" >"$OUT/gpu_check.log" 2>&1
+  echo "gpu_check exit $?" >>"$OUT/gpu_check.log"
+fi
+tail -n 3 "$OUT"/*.log
