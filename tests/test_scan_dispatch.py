@@ -14,7 +14,7 @@ import torch
 from helix_sweep.config import ConfigError, ModelConfig, TrainConfig, TrialSpec, load_config
 from helix_sweep.models import Mamba, ScanImplUnavailable, resolve_scan_impl, scan, scan_impl_status
 from helix_sweep.models.__main__ import main as models_main
-from helix_sweep.training.loop import _augment_config, build, train_step
+from helix_sweep.training.loop import build, train_step
 
 UPSTREAM_ERROR = ("selective_scan_cuda is not installed. The Mamba-1 CUDA selective scan is now an explicit "
                   "opt-in: reinstall mamba-ssm with MAMBA_KEEP_CUDA_BUILD=TRUE")
@@ -89,7 +89,7 @@ def _train(scan_impl: str, steps: int = 2) -> list[float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, s.tokens * 160, generator=g) * 0.1  # (B, T) raw waveform
     y = torch.randint(0, 3, (4,), generator=g)
-    return [train_step(setup, s, x, y, g, 3, _augment_config(s), global_step=i)[0] for i in range(steps)]
+    return [train_step(setup, s, x, y, g, 3, s.train.augment, global_step=i)[0] for i in range(steps)]
 
 
 def test_unbuilt_kernels_fall_back_and_explicit_cuda_fails(stand_in):
