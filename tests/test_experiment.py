@@ -66,3 +66,32 @@ def test_a_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
         assert json.loads(lock_file.read_text())["host"] != "head-that-died"
     finally:
         lock.release()
+
+
+def run_cli(workdir, *args):
+    return subprocess.run([sys.executable, "-m", "helix_sweep.run", f"workdir={workdir}", *args],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(workdir)})
+
+
+def written(workdir):
+    return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.name != LOCK_FILE)
+
+
+def test_cli_refuses_a_mistyped_resume_and_a_live_experiment_writing_nothing(tmp_path):
+    (tmp_path / "experiments" / "helix-smoke").mkdir(parents=True)
+    before = written(tmp_path)
+    proc = run_cli(tmp_path, "resume=helix-smok")
+    assert proc.returncode == 2 and "resume=helix-smok" in proc.stderr and "helix-smoke" in proc.stderr, proc.stderr
+    proc = run_cli(tmp_path, "experiment=../escape")
+    assert proc.returncode == 2 and "plain name" in proc.stderr, proc.stderr
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "experiments" / "held")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_cli(tmp_path, "experiment=held", "datasets=[synth-commands]", "variants=[mamba-mel]")
+        assert proc.returncode == 2 and "live driver" in proc.stderr and f"pid {holder.pid}" in proc.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # no settings, no MLflow store, no data: the refused drivers wrote nothing
+    assert written(tmp_path) == sorted(before + ["experiments/held"])

@@ -20,19 +20,13 @@ import ray
 from ray import tune
 
 from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_yaml
-from helix_sweep.sweep import runs, tracking
+from helix_sweep.sweep import experiment, runs, tracking
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
 from helix_sweep.training import check_writable, storage_error
 
 log = logging.getLogger(__name__)
-
-
-def experiment_dir(cfg: SweepConfig, name: str) -> Path:
-    if cfg.resume and ("/" in cfg.resume or Path(cfg.resume).exists()):
-        return Path(cfg.resume).expanduser().resolve()
-    return cfg.workdir_path / "experiments" / (cfg.resume or name)
 
 
 def check_data(trials: list[TrialSpec]) -> None:
@@ -45,24 +39,6 @@ def check_data(trials: list[TrialSpec]) -> None:
             require_prepared(root, dataset)
         except DatasetNotPrepared as exc:
             raise ConfigError(str(exc)) from None
-
-
-def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
-    """An experiment continues only with the settings it was started with."""
-    saved = exp_dir / "helix_config.yaml"
-    if not saved.exists():
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(cfg_yaml)
-        return
-    import difflib
-
-    ignore = ("resume:", "dry_run:", "ray_address:", "tracking_uri:", "max_concurrent_trials:")
-    old = [ln for ln in saved.read_text().splitlines() if not ln.strip().startswith(ignore)]
-    new = [ln for ln in cfg_yaml.splitlines() if not ln.strip().startswith(ignore)]
-    if old != new:
-        diff = "\n".join(list(difflib.unified_diff(old, new, "experiment", "command line", lineterm="", n=0))[:40])
-        raise ConfigError(f"experiment {exp_dir} was started with other settings; continue it with the same "
-                          f"command, or pick a new experiment=NAME. Differences:\n{diff}")
 
 
 def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
@@ -221,9 +197,14 @@ def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> N
 
 
 def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
-    name = trials[0].experiment
-    exp_dir = experiment_dir(cfg, name)
-    check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
+    """Run (or continue) the experiment the trials belong to, holding its lock throughout."""
+    exp_dir = experiment.experiment_dir(cfg.workdir_path, trials[0].experiment, cfg.resume)
+    with experiment.ExperimentLock(exp_dir):
+        return _sweep(cfg, trials, exp_dir)
+
+
+def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
+    experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
     check_data(trials)
     uri = cfg.tracking_uri or tracking.ensure_tracking_server(cfg.workdir_path)
     try:

@@ -1,4 +1,4 @@
-"""Which experiment a run continues, and one live driver per experiment.
+"""Which experiment a run continues, with which settings, and one live driver per experiment.
 
 An experiment is a folder <workdir>/experiments/<name> (Ray Tune state, trial checkpoints, the
 settings it was started with). `resume=` must name one that exists: a typo would otherwise start a
@@ -9,6 +9,7 @@ when its pid is gone, on any host when its heartbeat has not moved for STALE_S.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -138,3 +139,19 @@ class ExperimentLock:
                 os.utime(self.path)
             except OSError as exc:  # the storage hiccupped: the next beat tries again
                 log.debug("lock heartbeat: %s", exc)
+
+
+def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
+    """An experiment continues only with the settings it was started with."""
+    saved = exp_dir / "helix_config.yaml"
+    if not saved.exists():
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(cfg_yaml)
+        return
+    ignore = ("resume:", "dry_run:", "ray_address:", "tracking_uri:", "max_concurrent_trials:")
+    old = [ln for ln in saved.read_text().splitlines() if not ln.strip().startswith(ignore)]
+    new = [ln for ln in cfg_yaml.splitlines() if not ln.strip().startswith(ignore)]
+    if old != new:
+        diff = "\n".join(list(difflib.unified_diff(old, new, "experiment", "command line", lineterm="", n=0))[:40])
+        raise ConfigError(f"experiment {exp_dir} was started with other settings; continue it with the same "
+                          f"command, or pick a new experiment=NAME. Differences:\n{diff}")
