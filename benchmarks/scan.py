@@ -1,7 +1,9 @@
 """Selective-scan benchmark: the project's scan against a sequential loop and mambapy's pscan.
 
-Times forward+backward of one scan, one Mamba mixer and one BiMamba block (d_model 256, so
-d_inner 512, d_state 32) at B=8, L=500 and B=1, L=30,000. All implementations are timed in this
+Times forward+backward of one scan, one Mamba mixer and one BiMamba block at the study's sizes
+(d_model 256, so d_inner 512, d_state 32) at B=8, L=500 and B=1, L=30,000, and at the smoke grid's
+(d_model 32, so d_inner 64, d_state 8) at B=32, L=50 and 100, where per-step and per-chunk
+overheads rather than arithmetic set the time. All implementations are timed in this
 one process, interleaved, so that the ratios hold on a shared machine; each figure is the best
 of --repeats runs. Peak memory is measured separately: each (case, target, implementation) runs
 once in a fresh subprocess, which reports its peak RSS (VmHWM in /proc/self/status) and its RSS just
@@ -27,12 +29,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+from helix_sweep.models import scan as scan_module
 from helix_sweep.models.scan import selective_scan_pure
 
-D_MODEL, D_INNER, D_STATE = 256, 512, 32
-CASES = {"B8xL500": (8, 500), "B1xL30000": (1, 30_000)}
+# case -> (batch, length, d_model, d_state); d_inner = 2 * d_model
+CASES = {"smoke-B32xL50": (32, 50, 32, 8), "smoke-B32xL100": (32, 100, 32, 8),
+         "B8xL500": (8, 500, 256, 32), "B1xL30000": (1, 30_000, 256, 32)}
 TARGETS = ("scan", "mixer", "block")
-IMPLS = ("pure", "pure-parallel", "sequential", "mambapy")
+# pure: selective_scan_pure's own choice ("whole" on CPU for short sequences, else "loop");
+# pure-loop / pure-parallel: the chunked modes forced (pure-loop only where pure is not already it).
+IMPLS = ("pure", "pure-loop", "pure-parallel", "sequential", "mambapy")
 FULL_MODEL_SAMPLES = 480_000  # 30,000 tokens of the raw frontend (stride 160)
 
 
@@ -92,19 +98,28 @@ def pure_parallel_scan(*args, **kwargs):
     return selective_scan_pure(*args, mode="parallel", **kwargs)
 
 
+def pure_loop_scan(*args, **kwargs):
+    return selective_scan_pure(*args, mode="loop", **kwargs)
+
+
 def scan_fn(impl):
-    return {"pure": selective_scan_pure, "pure-parallel": pure_parallel_scan,
+    return {"pure": selective_scan_pure, "pure-loop": pure_loop_scan, "pure-parallel": pure_parallel_scan,
             "sequential": sequential_scan, "mambapy": mambapy_scan}[impl]
+
+
+def pure_picks_whole(batch, length, d_model, d_state):
+    """Whether selective_scan_pure takes its "whole" mode on CPU for this case's scans."""
+    return batch * 2 * d_model * length * d_state <= scan_module.WHOLE_MAX_ELEMENTS
 
 
 # --- workloads ------------------------------------------------------------------------------
 
-def make_workload(target, impl, batch, length, seed=0):
+def make_workload(target, impl, batch, length, d_model, d_state, seed=0):
     """Returns a closure running one forward+backward, with inputs and model already built."""
     torch.manual_seed(seed)
     fn = scan_fn(impl)
     if target == "scan":
-        E, N = D_INNER, D_STATE
+        E, N = 2 * d_model, d_state
         leaves = dict(
             u=torch.randn(batch, E, length), delta=torch.randn(batch, E, length) * 0.5,
             A=-torch.arange(1, N + 1).float().repeat(E, 1), B=torch.randn(batch, N, length),
@@ -120,12 +135,12 @@ def make_workload(target, impl, batch, length, seed=0):
     import helix_sweep.models.mamba as mamba_mod
 
     if target == "mixer":
-        module = mamba_mod.Mamba(d_model=D_MODEL)
+        module = mamba_mod.Mamba(d_model=d_model, d_state=d_state)
     else:
         from helix_sweep.models.blocks import BiMambaBlock
 
-        module = BiMambaBlock(d_model=D_MODEL)
-    x = torch.randn(batch, length, D_MODEL, requires_grad=True)
+        module = BiMambaBlock(d_model=d_model, d_state=d_state)
+    x = torch.randn(batch, length, d_model, requires_grad=True)
 
     def run():
         # the mixer looks the scan up at call time; `impl` is the dispatcher's, not the baselines'
@@ -162,7 +177,8 @@ def worker(spec):
     if spec["target"] == "full-model":
         run = full_model_workload()
     else:
-        run = make_workload(spec["target"], spec["impl"], spec["batch"], spec["length"])
+        run = make_workload(spec["target"], spec["impl"], spec["batch"], spec["length"],
+                            spec["d_model"], spec["d_state"])
     before = rss_gib()
     t0 = time.perf_counter()
     run()
@@ -216,46 +232,54 @@ def main():
         return worker(json.loads(args.worker))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}; times: best of {args.repeats} in-process (1 at L > 1000); "
+          f"{os.getloadavg()[0]:.1f}, CPU capability {torch.backends.cpu.get_cpu_capability()}; times: best "
+          f"of {args.repeats} in-process ({4 * args.repeats} for smoke cases, 1 at L > 1000); "
           f"memory: fresh subprocess, VmHWM")
 
     targets = [t for t in args.targets.split(",") if t]
     cases = [c for c in args.cases.split(",") if c]
-    small = {}  # (target, impl) -> (seconds, +GiB) per element of B x padded L
+    small = {}  # (target, impl, d_model, d_state) -> (seconds, +GiB) per element of B x padded L
     for target in targets:
         try:
-            make_workload(target, "pure", 1, 8)
+            make_workload(target, "pure", 1, 8, 32, 8)
         except ImportError as exc:
             print(f"\n[{target}] skipped: {exc}")
             continue
         for case in cases:
-            batch, length = CASES[case]
+            batch, length, d_model, d_state = CASES[case]
+            dims = (d_model, d_state)
             runs, skipped = {}, {}
             for impl in IMPLS:
-                if impl != "pure" and (target, impl) in small:
-                    per_s, per_gib = small[(target, impl)]
+                if impl == "pure-loop" and not pure_picks_whole(batch, length, d_model, d_state):
+                    continue  # pure already runs the loop mode here
+                if impl != "pure" and (target, impl, *dims) in small:
+                    per_s, per_gib = small[(target, impl, *dims)]
                     scale = batch * padded(length, impl)
                     if per_s * scale > args.max_seconds or per_gib * scale > args.max_gib:
                         skipped[impl] = (f"estimated {per_s * scale:.0f} s, +{per_gib * scale:.1f} GiB "
                                          f"(limits {args.max_seconds:.0f} s, {args.max_gib:.0f} GiB)")
                         continue
-                runs[impl] = make_workload(target, impl, batch, length)
-            repeats = args.repeats if length <= 1000 else 1
+                runs[impl] = make_workload(target, impl, batch, length, d_model, d_state)
+            # short cases take milliseconds: more repeats for a stable best on a shared machine
+            repeats = 1 if length > 1000 else args.repeats if batch * length > 1000 else 4 * args.repeats
             best = time_in_process(runs, repeats)
-            print(f"\n[{target}] {case}: fwd+bwd seconds (ratio = baseline / pure)")
+            mode = "whole" if pure_picks_whole(batch, length, d_model, d_state) else "loop"
+            print(f"\n[{target}] {case} (d_model {d_model}, d_state {d_state}; pure runs mode {mode}): "
+                  f"fwd+bwd seconds (ratio = baseline / pure)")
             mem = {}
             for impl in runs:
                 if not args.no_memory:
                     mem[impl] = in_subprocess(
                         {"target": target, "impl": impl, "batch": batch, "length": length,
-                         "threads": args.threads}, timeout=max(600, 5 * best[impl]))
+                         "d_model": d_model, "d_state": d_state, "threads": args.threads},
+                        timeout=max(600, 5 * best[impl]))
                 m = mem.get(impl, {})
                 mtxt = (f"peak RSS {m['peak_rss_gib']:.2f} GiB (+{m['peak_rss_gib'] - m['rss_before_gib']:.2f})"
                         if "peak_rss_gib" in m else m.get("error", ""))
-                print(f"  {impl:14s} {best[impl]:8.3f} s  x{best[impl] / best['pure']:6.1f}   {mtxt}")
+                print(f"  {impl:14s} {best[impl]:8.4f} s  x{best[impl] / best['pure']:6.2f}   {mtxt}")
                 if length <= 1000 and "peak_rss_gib" in m:
                     scale = batch * padded(length, impl)
-                    small[(target, impl)] = (best[impl] / scale,
+                    small[(target, impl, *dims)] = (best[impl] / scale,
                                              (m["peak_rss_gib"] - m["rss_before_gib"]) / scale)
             for impl, why in skipped.items():
                 print(f"  {impl:14s} skipped: {why}")

@@ -65,7 +65,7 @@ def expected_count(grid: dict) -> int:
     return total - len(grid.get("exclude", []))
 
 
-@pytest.mark.parametrize("grid", ["smoke", "full", "placement", "ratio", "tune"])
+@pytest.mark.parametrize("grid", ["smoke", "smoke-large", "full", "placement", "ratio", "tune"])
 def test_dry_run_counts_follow_the_grid_files(grid):
     cfg, trials = plan_trials([f"grid={grid}"])
     assert len(trials) == expected_count(_grid_file(grid))

@@ -78,7 +78,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["loop", "parallel"])
+@pytest.mark.parametrize("mode", scan.MODES)
 @pytest.mark.parametrize("batch,dim,d_state,length,chunk", CASES)
 def test_scan_matches_sequential_recurrence(mode, batch, dim, d_state, length, chunk):
     inputs = make_inputs(batch, dim, d_state, length, seed=length)
@@ -94,7 +94,7 @@ def test_scan_matches_sequential_recurrence(mode, batch, dim, d_state, length, c
         assert rel_err(grads[name].double(), ref_grads[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("mode", ["loop", "parallel"])
+@pytest.mark.parametrize("mode", scan.MODES)
 def test_scan_with_large_steps(mode):
     # Steps of ~2 with |A| up to 12: decays down to e^-24 within one step.
     inputs = make_inputs(2, 6, 8, 40, seed=11)
@@ -109,7 +109,7 @@ def test_scan_with_large_steps(mode):
         assert rel_err(grads[name].double(), ref_grads[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("mode", ["loop", "parallel"])
+@pytest.mark.parametrize("mode", scan.MODES)
 def test_scan_without_optional_inputs_and_with_groups(mode):
     inputs = make_inputs(2, 8, 4, 21, groups=2, seed=3)
     for k in ("D", "z", "delta_bias"):
@@ -134,6 +134,34 @@ def test_last_state_and_dispatch_on_cpu():
     assert rel_err(out.double(), ref_out) <= 1e-5
     # On CPU the dispatcher always takes the project's own scan.
     assert torch.equal(out, selective_scan_pure(**inputs, delta_softplus=True))
+
+
+def test_cpu_mode_is_chosen_by_size(monkeypatch):
+    calls = []
+    whole_forward = scan._whole_forward
+    monkeypatch.setattr(scan, "_whole_forward", lambda *a: calls.append(a[1].shape) or whole_forward(*a))
+    small, large = make_inputs(2, 8, 4, 30, seed=12), make_inputs(2, 8, 4, 31, seed=12)
+    monkeypatch.setattr(scan, "WHOLE_MAX_ELEMENTS", 2 * 8 * 4 * 30)  # B * E * N * L of `small`
+    assert torch.equal(selective_scan_pure(**small, delta_softplus=True),
+                       selective_scan_pure(**small, delta_softplus=True, mode="whole"))
+    assert calls == [(2, 8, 30)] * 2
+    assert torch.equal(selective_scan_pure(**large, delta_softplus=True),
+                       selective_scan_pure(**large, delta_softplus=True, mode="loop"))
+    assert calls == [(2, 8, 30)] * 2  # one step longer: the chunked loop
+
+
+def test_whole_mode_backward_runs_twice_on_a_retained_graph():
+    inputs = make_inputs(2, 8, 4, 30, seed=13)
+    dout = torch.randn(2, 8, 30, generator=torch.Generator().manual_seed(5))
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
+    out = selective_scan_pure(**leaves, delta_softplus=True, mode="whole")
+    out.backward(dout, retain_graph=True)
+    first = {k: v.grad.clone() for k, v in leaves.items()}
+    for v in leaves.values():
+        v.grad = None
+    out.backward(dout)
+    for k, v in leaves.items():
+        assert torch.equal(v.grad, first[k]), k
 
 
 def test_inputs_are_not_modified():

@@ -11,8 +11,9 @@ dispatch point: `resolve_scan_impl(scan_impl, device)` picks mamba_ssm's kernel 
 probe call shows it really runs, else the Triton kernels (helix_sweep.models.scan_triton) on CUDA,
 else `selective_scan_pure`, the project's own scan with the same signature (CPU, or explicitly).
 
-The pure scan never holds the (B, L, E, N) state tensor. It walks the sequence in chunks of T
-steps and materialises only a chunk's (T, B, E, N) operands at a time; for the backward it keeps
+Except for short sequences on CPU ("whole" below), the pure scan never holds the (B, L, E, N)
+state tensor. It walks the sequence in chunks of T steps and materialises only a chunk's
+(T, B, E, N) operands at a time; for the backward it keeps
 one state every K steps (K ~ sqrt(L)), recomputes a segment of K states from it, and runs the
 reverse recurrence chunk by chunk. Memory is O((L/K + K) * B * E * N) instead of O(L * B * E * N).
 Inside a chunk the recurrence is solved one of two ways, chosen by the device:
@@ -20,6 +21,9 @@ Inside a chunk the recurrence is solved one of two ways, chosen by the device:
   - "parallel" (CUDA and other accelerators): a doubling (Hillis-Steele) scan over the chunk,
     log2(T) vectorised steps, so kernel launches scale with L / T rather than L. It only multiplies
     decays in (0, 1], so it cannot overflow the way a log-space cumsum does.
+Short sequences on CPU take a third mode, "whole" (chosen by size: B * L * E * N up to
+WHOLE_MAX_ELEMENTS, e.g. the smoke grid's B=32, L=100, E=64, N=8): no chunks, all L states at once
+in an H-innermost layout, kept for the backward (see `_whole_forward`).
 All arithmetic is fp32 whatever the input dtype; outputs and gradients come back in the inputs'
 dtypes.
 
@@ -164,7 +168,7 @@ def resolve_scan_impl(requested: str, device) -> str:
     return requested
 
 
-MODES = ("loop", "parallel")
+MODES = ("loop", "parallel", "whole")
 # Chunk length T per mode, a power of two sized so one (T, B, E, N) fp32 buffer holds about
 # *_CHUNK_ELEMENTS values: ~4 MB for the CPU loop (a chunk's few buffers stay in L2/L3 cache),
 # ~32 MB on an accelerator (fewer, larger kernels). Measured on an H200 (benchmarks/scan_chunks.py,
@@ -210,12 +214,18 @@ def selective_scan_pure(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
                         return_last_state=False, *, mode=None, chunk_size=None):
     """The project's own selective scan: same contract as `selective_scan`, pure PyTorch.
 
-    mode: "loop" or "parallel" (see the module docstring); None picks "loop" on CPU and
-    "parallel" elsewhere. chunk_size: steps per chunk T (None: the mode's default).
+    mode: "loop", "parallel" or "whole" (see the module docstring); None picks "whole" on CPU
+    while the (B, L, E, N) state has at most WHOLE_MAX_ELEMENTS values, "loop" on CPU above that,
+    and "parallel" elsewhere. chunk_size: steps per chunk T (None: the mode's default; "whole"
+    has no chunks and ignores it).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if mode is None:
-        mode = "loop" if u.device.type == "cpu" else "parallel"
+        if u.device.type != "cpu":
+            mode = "parallel"
+        else:
+            size = u.shape[0] * u.shape[1] * u.shape[2] * A.shape[1]  # B * E * L * N
+            mode = "whole" if size <= WHOLE_MAX_ELEMENTS else "loop"
     if mode not in MODES:
         raise ValueError(f"selective_scan_pure: mode={mode!r}, expected one of {MODES}")
     if chunk_size is not None and chunk_size < 1:
@@ -351,6 +361,8 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode, chunk_size):
+        if mode == "whole":
+            return _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         batch, dim, length = u.shape
         d_state = A.shape[1]
         groups = B.shape[1] if B.dim() == 4 else 1
@@ -398,6 +410,8 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
+        if ctx.mode == "whole":
+            return _whole_backward(ctx, dout)
         u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
         mode, chunk, segment, groups = ctx.mode, ctx.chunk, ctx.segment, ctx.groups
         batch, dim, length = u.shape
@@ -549,3 +563,129 @@ def _sum_channel(h, v, groups):
     hv = h.view(rows, dim // groups, d_state)  # (T*B*G, H, N)
     vv = v.reshape(rows, 1, dim // groups)  # (T*B*G, 1, H)
     return torch.bmm(vv, hv).view(n, batch, groups, d_state)
+
+
+# --- "whole" mode: the sequence in one piece, for short sequences on CPU -----------------------
+#
+# At the smoke grid's sizes (B=32, E=64, N=8, L=50-100) the chunked scan's cost is not its
+# per-step loop but its (T, B, E, N) layout: every broadcast multiply has an innermost dimension
+# of N=8, shorter than one AVX-512 vector, and each chunk re-copies its operands time-major. Here
+# all L steps are held at once as (L, B, G, N, H) with H = E / G innermost, so the elementwise
+# work runs on long contiguous rows, the inputs are transposed once, and the backward reuses the
+# forward's states and decays instead of recomputing them. The whole (L, B, E, N) state is then
+# in memory twice (states and decays, saved for the backward), so `selective_scan_pure` picks
+# this mode only while B * L * E * N <= WHOLE_MAX_ELEMENTS.
+WHOLE_MAX_ELEMENTS = 1 << 22  # 16 MB per fp32 (L, B, E, N) tensor; the smoke grid's L=100 is 1.6 M
+
+
+def _time_major(x):
+    """(B, E, L) -> (L, B, E), or (B, G, N, L) -> (L, B, G, N); a fresh contiguous fp32 tensor."""
+    x = x.permute(2, 0, 1) if x.dim() == 3 else x.permute(3, 0, 1, 2)
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+
+
+def _batch_last(x):
+    """(L, B, E) -> (B, E, L) or (L, B, G, N) -> (B, G, N, L), contiguous."""
+    x = x.permute(1, 2, 0) if x.dim() == 3 else x.permute(1, 2, 3, 0)
+    return x.contiguous()
+
+
+def _whole_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Time-major fp32 operands: u, dt (L, B, E); B, C (L, B, G, N); A as (G, N, H)."""
+    dim = u.shape[1]
+    B_t = _time_major(B if B.dim() == 4 else B.unsqueeze(1))  # (L, B, G, N)
+    C_t = _time_major(C if C.dim() == 4 else C.unsqueeze(1))  # (L, B, G, N)
+    groups, d_state = B_t.shape[2], B_t.shape[3]
+    dt = _time_major(delta)  # (L, B, E)
+    if delta_bias is not None:
+        dt += delta_bias.float()
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A_t = A.float().view(groups, dim // groups, d_state).transpose(1, 2).contiguous()  # (G, N, H)
+    return _time_major(u), dt, A_t, B_t, C_t
+
+
+def _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """All L states at once: (L, B, G, N, H), H innermost; a Python loop of L in-place steps."""
+    batch, dim, length = u.shape
+    needs_grad = any(ctx.needs_input_grad[:8])
+    u_t, dt, A_t, B_t, C_t = _whole_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    groups, d_state = B_t.shape[2], B_t.shape[3]
+    hdim = dim // groups
+    rows = length * batch * groups
+    a = torch.mul(dt.view(length, batch, groups, 1, hdim), A_t).exp_()  # (L, B, G, N, H)
+    dtu = dt * u_t  # (L, B, E)
+    h = torch.mul(dtu.view(length, batch, groups, 1, hdim), B_t.unsqueeze(-1))  # (L, B, G, N, H)
+    _scan_loop(a[1:], h)  # h[t] = a[t] * h[t-1] + h[t]; the start state is zero
+    y = torch.bmm(C_t.view(rows, 1, d_state), h.view(rows, d_state, hdim))  # (L*B*G, 1, H)
+    y = y.view(length, batch, dim)  # (L, B, E)
+    if D is not None:
+        y.addcmul_(u_t, D.float())
+    if z is not None:
+        y.mul_(F.silu(_time_major(z), inplace=True))
+    out = _batch_last(y).to(u.dtype)  # (B, E, L)
+    last_state = h[-1].permute(0, 1, 3, 2).reshape(batch, dim, d_state).to(A.dtype)  # (B, E, N)
+    ctx.mark_non_differentiable(last_state)
+    if needs_grad:
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h, a)
+        ctx.delta_softplus = delta_softplus
+        ctx.mode = "whole"
+    return out, last_state
+
+
+def _whole_backward(ctx, dout):
+    """Gradients of `_whole_forward` from its saved states h and decays a (left intact, so a
+    retained graph can run its backward again)."""
+    u, delta, A, B, C, D, z, delta_bias, h, a = ctx.saved_tensors
+    batch, dim, length = u.shape
+    u_t, dt, A_t, B_t, C_t = _whole_inputs(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+    groups, d_state = B_t.shape[2], B_t.shape[3]
+    hdim = dim // groups
+    rows = length * batch * groups
+    h_rows = h.view(rows, d_state, hdim)  # (L*B*G, N, H)
+    dout_t = _time_major(dout)  # (L, B, E)
+    grad_z = None
+    if z is not None:
+        z_t = _time_major(z)  # (L, B, E)
+        sig = torch.sigmoid(z_t)
+        dy = dout_t * z_t * sig  # (L, B, E), through out = y * silu(z)
+        y = torch.bmm(C_t.view(rows, 1, d_state), h_rows).view(length, batch, dim)  # (L, B, E)
+        if D is not None:
+            y.addcmul_(u_t, D.float())
+        dsilu = sig * (1 + z_t * (1 - sig))  # d silu(z) / dz
+        grad_z = _batch_last(dout_t.mul_(y).mul_(dsilu)).to(z.dtype)  # (B, E, L)
+    else:
+        dy = dout_t
+    dD = (dy * u_t).sum((0, 1)).to(D.dtype) if D is not None else None  # (E,)
+    du = dy * D.float() if D is not None else torch.zeros_like(dy)  # (L, B, E)
+    # Sums over H, the innermost dimension: a multiply and sum beats a matrix-vector bmm here.
+    dy_h = dy.view(length, batch, groups, 1, hdim)  # (L, B, G, 1, H)
+    grad_C = (h * dy_h).sum(-1)  # (L, B, G, N)
+    # g_t = C_t * dy_t + a_{t+1} * g_{t+1}: the gradient w.r.t. h_t, built in place of h's twin.
+    g = torch.mul(C_t.unsqueeze(-1), dy_h)  # (L, B, G, N, H)
+    _scan_reverse_loop(a[1:], g)
+    g_rows = g.view(rows, d_state, hdim)  # (L*B*G, N, H)
+    # Input term delta*B*u, through q_t = sum_n g_t * B_t.
+    q = torch.bmm(B_t.view(rows, 1, d_state), g_rows).view(length, batch, dim)  # (L, B, E)
+    ddt = q * u_t  # (L, B, E)
+    du.addcmul_(q, dt)
+    dtu = (dt * u_t).view(length, batch, groups, 1, hdim)  # (L, B, G, 1, H)
+    grad_B = (g * dtu).sum(-1)  # (L, B, G, N)
+    # Decay term exp(delta*A), through p_t = g_t * a_t * h_{t-1}; p_0 = 0 (zero start state).
+    p = g[1:].mul_(a[1:]).mul_(h[:-1])  # (L-1, B, G, N, H); g is spent
+    dt_next = dt[1:].view(length - 1, batch, groups, 1, hdim)  # (L-1, B, G, 1, H)
+    dA = (p * dt_next).sum((0, 1))  # (G, N, H)
+    ddt[1:] += p.mul_(A_t).sum(3).view(length - 1, batch, dim)
+    if ctx.delta_softplus:
+        # d softplus(x) / dx = sigmoid(x) = 1 - exp(-softplus(x)), so x need not be kept.
+        ddt.mul_(torch.neg(dt).expm1_().neg_())
+    dbias = ddt.sum((0, 1))  # (E,)
+    grad_B, grad_C = _batch_last(grad_B), _batch_last(grad_C)  # (B, G, N, L) each
+    if B.dim() == 3:
+        grad_B = grad_B.squeeze(1)  # (B, N, L)
+    if C.dim() == 3:
+        grad_C = grad_C.squeeze(1)  # (B, N, L)
+    dA = dA.transpose(1, 2).reshape(dim, d_state)  # (E, N)
+    return (_batch_last(du).to(u.dtype), _batch_last(ddt).to(delta.dtype), dA.to(A.dtype),
+            grad_B.to(B.dtype), grad_C.to(C.dtype), dD, grad_z,
+            dbias.to(delta_bias.dtype) if delta_bias is not None else None, None, None, None)
