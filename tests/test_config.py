@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from helix_sweep.config import SEARCH_SPACES, ConfigError, load_config
+from helix_sweep.config import SEARCH_SPACES, ConfigError, grid_chain, load_config
 from helix_sweep.run import plan_trials
 from helix_sweep.sweep.grid import spread_pattern
 
@@ -42,7 +42,11 @@ def test_dry_run_prints_trial_table_and_exits():
 
 
 def _grid_file(name):
-    return yaml.safe_load((SEARCH_SPACES / "grids" / f"{name}.yaml").read_text())
+    """A grid's top-level settings with those of the grids it extends (shallow: enough to count trials)."""
+    out = {}
+    for n in grid_chain(name):
+        out.update(yaml.safe_load((SEARCH_SPACES / "grids" / f"{n}.yaml").read_text()))
+    return out
 
 
 def _catalog():
@@ -65,7 +69,7 @@ def expected_count(grid: dict) -> int:
     return total - len(grid.get("exclude", []))
 
 
-@pytest.mark.parametrize("grid", ["smoke", "smoke-large", "full", "placement", "ratio", "tune"])
+@pytest.mark.parametrize("grid", ["smoke", "smoke-large", "full", "positions", "placement", "ratio", "tune"])
 def test_dry_run_counts_follow_the_grid_files(grid):
     cfg, trials = plan_trials([f"grid={grid}"])
     assert len(trials) == expected_count(_grid_file(grid))
