@@ -72,10 +72,8 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     val_fraction: float = 0.0  # held-out share of the training side as validation
     log_model: bool = False  # log the best weights to MLflow
-    # test hooks (fault injection): nan_at_step, nan_from_step, oom_at_step, kill_at_step (a step or a
-    # list) + kill_marker (a path prefix: SIGKILL the worker once per step, marked by <prefix>.<step>),
-    # sleep_per_step and sleep_before_finish (seconds, after the final report);
-    # trial: only trials whose key contains it; per_trial: {key part: {fault: step}}
+    # test hooks (fault injection): nan_at_step, nan_from_step, oom_at_step, kill_at_step + kill_marker,
+    # sleep_per_step, sleep_before_finish; trial, per_trial (helix_sweep.training.faults says what each does)
     inject: Dict[str, Any] = field(default_factory=dict)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 

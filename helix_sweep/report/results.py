@@ -30,7 +30,6 @@ def dataset_kind(dataset: str, folds: Iterable[str]) -> str:
     return "single"
 
 
-
 @dataclass
 class Trial:
     """One trial run: the tags, params, latest metrics and per-epoch histories the report needs."""

@@ -16,7 +16,7 @@ One experiment per sweep. In it:
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from typing import Sequence
 
 # Tags
@@ -121,10 +121,6 @@ def fold_sort_key(fold: str | int) -> tuple[int, int | str]:
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof=1, the usual '±' over folds); std is None for n < 2."""
-    n = len(values)
-    if n == 0:
+    if not values:
         return None, None
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)

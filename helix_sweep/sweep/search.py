@@ -64,7 +64,8 @@ def apply_sample(trial: TrialSpec, config: dict) -> TrialSpec:
         try:
             OmegaConf.update(node, dotted, value, merge=False)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"search.space: {dotted}={value!r} is not a valid config value: {exc}") from None
+            reason = str(exc).splitlines()[0]
+            raise ConfigError(f"search.space: {dotted}={value!r} is not a valid config value: {reason}") from None
     out: TrialSpec = OmegaConf.to_object(node)  # type: ignore[assignment]
     return replace(out, key=sample_key(trial.key, config))
 
