@@ -204,6 +204,7 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
 
 
 def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
+    name = trials[0].experiment  # the MLflow experiment (the folder may be a resumed path's)
     experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
     check_data(trials)
     uri = cfg.tracking_uri or tracking.ensure_tracking_server(cfg.workdir_path)
