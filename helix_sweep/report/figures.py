@@ -14,6 +14,7 @@ Each `*_figure` function returns the matplotlib Figure (tests read its artists);
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,7 @@ def _plt():
 FRONTEND_COLORS = {"raw": "#1f77b4", "mel": "#ff7f0e"}
 BACKBONE_COLORS = {"mamba": "#2ca02c", "helix": "#d62728", "attention": "#9467bd"}
 FRONTEND_STYLES = {"raw": "-", "mel": "--"}
+BEST_STYLES = {"raw": ":", "mel": "-."}  # the best-accuracy lines of Figures 4-7
 
 
 def _once(ax, label: str) -> str | None:
@@ -77,8 +79,10 @@ def best_epoch_text(cell: Cell) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def regime_label(sweep: Sweep, dataset: str) -> str:
+    """An x tick of Figure 1: the dataset's title wrapped to a narrow column, then its tokens per clip."""
+    title = "\n".join(textwrap.wrap(dataset_title(dataset), 14))
     tokens = sweep.regime_tokens(dataset)
-    return f"{dataset_title(dataset)}\n{tokens:,} tok" if tokens is not None else dataset_title(dataset)
+    return f"{title}\n{tokens:,} tok" if tokens is not None else title
 
 
 def helix_advantage(sweep: Sweep) -> list[tuple[str, str, float]]:
@@ -120,7 +124,7 @@ def _draw_accuracy_vs_length(ax, sweep: Sweep, order: list[str]) -> None:
     ax.set_ylim(0, 100)
     ax.set_title("(a) accuracy by sequence length")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    _legend_below(ax)
 
 
 def _draw_gap(ax, sweep: Sweep) -> None:
@@ -145,8 +149,7 @@ def _draw_gap(ax, sweep: Sweep) -> None:
     ax.set_xticks(range(len(backbones)), [BACKBONE_TITLES.get(b, b) for b in backbones])
     ax.set_ylabel("raw − mel (points)")
     ax.set_title("(b) raw − mel gap per backbone (◆ = paper)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
+    _legend_below(ax)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -172,17 +175,22 @@ def _draw_helix_advantage(ax, sweep: Sweep, order: list[str]) -> None:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(order)), [regime_label(sweep, d) for d in order], fontsize=7)
     ax.set_ylabel("HELIX − pure Mamba (points)")
+    ax.margins(y=0.15)  # room for the point labels
     ax.set_title("(c) HELIX advantage by sequence length")
     ax.grid(alpha=0.3)
+    _legend_below(ax)
+
+
+def _legend_below(ax) -> None:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
 
 
 def length_figure(sweep: Sweep):
     """Figure 1: (a) accuracy by length, (b) raw − mel gap, (c) HELIX − pure Mamba by length."""
     plt = _plt()
     order = sweep.by_length()
-    fig, axes = plt.subplots(1, 3, figsize=(max(13, 3 * len(order) + 5), 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(max(14, 3 * len(order) + 5), 5.2))
     _draw_accuracy_vs_length(axes[0], sweep, order)
     _draw_gap(axes[1], sweep)
     _draw_helix_advantage(axes[2], sweep, order)
@@ -219,19 +227,19 @@ def accuracy_bars_figure(sweep: Sweep, dataset: str):
             if mean is not None:
                 ax.bar(x, 100 * mean, width, yerr=100 * std if std else None, capsize=4,
                        color=FRONTEND_COLORS[frontend], label=_once(ax, frontend))
-                top = 100 * (mean + (std or 0))
-                ax.text(x, top + 1.5, f"{100 * mean:.1f}\n{best_epoch_text(cell)}", ha="center", va="bottom",
-                        fontsize=7, gid=f"best_epoch:{v}")
+                # inside the bar at its base: the paper's ◆ near the top never covers it
+                ax.text(x, 2, f"{100 * mean:.1f}\n{best_epoch_text(cell)}", ha="center", va="bottom",
+                        fontsize=7, color="white", fontweight="bold", gid=f"best_epoch:{v}")
             else:
                 ax.text(x, 1, cell_summary(cell), rotation=90, ha="center", va="bottom", fontsize=8)
             p = PAPER_RESULTS.get(paper_key(dataset) or "", {}).get(v)
             if p is not None and p.acc is not None:
                 ax.errorbar(x, p.acc, yerr=p.std, fmt="D", color="black", ms=5, capsize=3, label=_once(ax, "paper"))
                 if p.epochs is not None:
-                    ax.annotate(f"{p.epochs}", (x, p.acc), fontsize=6, xytext=(5, -3), textcoords="offset points")
+                    ax.annotate(f"{p.epochs} ep", (x, p.acc), fontsize=6, xytext=(5, 2), textcoords="offset points")
     ax.set_xticks(range(len(backbones)), [BACKBONE_TITLES.get(b, b) for b in backbones])
     ax.set_ylabel("best test accuracy (%)")
-    ax.set_ylim(0, 118)
+    ax.set_ylim(0, 108)
     ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"{dataset_title(dataset)}: raw vs mel (label: accuracy, best epoch)", fontsize=10)
     ax.legend(fontsize=7, loc="upper right", ncol=3)
@@ -263,17 +271,17 @@ def smoothed_curves_figure(sweep: Sweep, dataset: str):
         ax.plot(epochs, smooth(acc), style, color=color, lw=1.8, label=v, gid=f"smoothed:{v}")
         if t.best is not None:
             best_epoch = f", ep {t.best_epoch}" if t.best_epoch is not None else ""
-            ax.axhline(100 * t.best, color=color, ls=":", lw=1, gid=f"best:{v}",
+            ax.axhline(100 * t.best, color=color, ls=BEST_STYLES.get(split_variant(v)[1], ":"), lw=1, gid=f"best:{v}",
                        label=f"best {v}: {100 * t.best:.2f}{best_epoch}")
     view = "fold 1" if folds == {"1"} else ", ".join(f"fold {f}" if f.isdigit() else f for f in sorted(folds))
-    ax.set_title(f"{dataset_title(dataset)}: test accuracy ({view or 'no runs'}), "
-                 f"{SMOOTH_EPOCHS}-epoch moving average; dotted = best", fontsize=10)
+    ax.set_title(f"{dataset_title(dataset)}: test accuracy ({view or 'no runs'})\n"
+                 f"thick = {SMOOTH_EPOCHS}-epoch moving average, faint = per epoch, thin horizontal = best", fontsize=10)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
@@ -315,7 +323,7 @@ def curves_figure(sweep: Sweep, dataset: str):
 def _save(fig, path: Path, dpi: int = 100) -> Path:
     plt = _plt()
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # keeps titles and outside legends in the image
     plt.close(fig)
     return path
 

@@ -304,12 +304,11 @@ def slug(name: str) -> str:
 
 
 def study_tables(sweep: Sweep) -> list[Table]:
-    """Every table of the study, in reading order: folds, single split, long memory, speaker ID, feasibility."""
-    order = {"folds": 0, "single": 1, "long_memory": 2, "speaker": 3}
-    tables = []
-    for d in sorted(sweep.datasets, key=lambda d: order[sweep.kind(d)]):
+    """Every table of the study in the paper's order: feasibility (Table 1), folds (2), single split (3),
+    long memory (4), speaker ID (5)."""
+    tables = [feasibility_table(sweep)]
+    for d in sorted(sweep.datasets, key=lambda d: PAPER_TABLE[sweep.kind(d)]):
         tables.append(fold_table(sweep, d) if sweep.kind(d) == "folds" else single_table(sweep, d))
-    tables.append(feasibility_table(sweep))
     return tables
 
 
