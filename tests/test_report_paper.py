@@ -22,7 +22,7 @@ from helix_sweep.report.tables import pct, study_tables
 from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
 from mlflow_server import log_trial, mlflow_server  # noqa: F401  (fixture)
 
-VARIANTS = ["mamba-raw", "mamba-mel", "helix-raw", "helix-mel", "attention-raw"]
+VARIANTS = ["mamba-raw", "mamba-mel", "helix-raw", "helix-mel", "attention-raw", "attention-mel"]
 FOLDS = {"esc50": ["1", "2"], "speechcommands": ["split"], "speechcommands-concat": ["split"], "voxpopuli": ["split"]}
 TOKENS = {"esc50": (500, 80), "speechcommands": (100, 16), "speechcommands-concat": (1000, 160),
           "voxpopuli": (30000, 4680)}
@@ -114,7 +114,7 @@ def test_table1_categories_and_attention_sentence(tables):
     assert cells[("esc50", "attention-raw")]["category"] == "slow"  # 5.0 s vs 2.0 s per epoch
     assert cells[("esc50", "helix-raw")]["category"] == "ok"
     assert cells[("voxpopuli", "attention-raw")]["category"] == "oom" == cells[("voxpopuli", "attention-raw")]["paper"]
-    assert t.column("attention-raw")["esc50"].startswith("slow · 5.0 s/ep (2.5× Mamba)")
+    assert t.column("attention-raw")["esc50"].startswith("slow · 5.0 s/ep · (2.5× Mamba)")
     sentence = t.notes[-1]
     assert "attention ran as sdpa" in sentence
     assert "esc50 attention-raw slow (paper ok)" in sentence and "voxpopuli" not in sentence

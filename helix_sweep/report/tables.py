@@ -284,7 +284,8 @@ def _feasibility_text(cell: Cell, category: str | None, secs: float | None, ref_
                            for s in sorted(counts, key=lambda s: order.index(s) if s in order else len(order)))
     parts = [status]
     if secs is not None:
-        parts.append(f"{secs:.1f} s/ep" + (f" ({secs / ref_secs:.1f}× Mamba)" if ref_secs else ""))
+        parts.append(f"{secs:.1f} s/ep")
+        parts += [f"({secs / ref_secs:.1f}× Mamba)"] if ref_secs else []  # own line in HTML: narrow columns
     if peak is not None:
         parts.append(f"{peak:,.0f} MB")
     return " · ".join(parts)
