@@ -60,11 +60,13 @@ TOKENS = {"raw": {"synth-textures": 500, "synth-commands": 100, "synth-concat": 
 
 def log_trial(client, experiment_id: str, parent_id: str, dataset: str, variant: str, fold: str,
               status: str, test_acc: list[float], val_acc: list[float] | None = None,
-              tokens: int | None = None, epoch_seconds: float = 1.0, peak_mem_mb: float = 100.0) -> str:
+              tokens: int | None = None, epoch_seconds: float = 1.0, peak_mem_mb: float = 100.0,
+              params: dict[str, str] | None = None) -> str:
     """One trial run as a worker logs it: tags, params, per-epoch metrics (step = epoch), epochs_done.
 
     `test_acc[e]` is the test accuracy (fraction) after epoch e+1; best_test_acc is its running max.
     With `val_acc`, test_acc_at_best_val is the test accuracy at the epoch of the best val_acc.
+    `params` adds (or overrides) params of the run, e.g. attention_impl.
     """
     from mlflow.entities import Metric, Param
 
@@ -78,7 +80,7 @@ def log_trial(client, experiment_id: str, parent_id: str, dataset: str, variant:
     tokens = tokens if tokens is not None else TOKENS[frontend].get(dataset, 100)
     params = {"variant": variant, S.FRONTEND: frontend, "dataset": dataset, "fold": str(fold),
               S.TOKENS_PER_CLIP: str(tokens), S.POOL_TOKENS: "100" if "concat" in dataset else str(tokens),
-              "lr": "0.0003", "epochs": str(len(test_acc)), "seed": "0"}
+              "lr": "0.0003", "epochs": str(len(test_acc)), "seed": "0", **(params or {})}
     metrics, t = [], 1_700_000_000_000
     best, best_val, at_val = -1.0, -1.0, None
     for e, acc in enumerate(test_acc, start=1):

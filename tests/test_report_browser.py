@@ -100,3 +100,27 @@ def test_mlflow_ui_and_report_in_chromium(browser, mlflow_server, tmp_path, shot
     page.close()
     for shot in ("mlflow_experiment.png", "report_index.png"):
         assert (shots / shot).stat().st_size > 10_000
+
+
+@pytest.mark.timeout(600)
+def test_paper_report_fits_a_laptop_page(browser, mlflow_server, tmp_path, shots):
+    """Every table (Table 1 with all six variants too) and figure of the paper sweep fits a 1280 px page."""
+    from test_report_paper import log_paper_sweep
+
+    client = MlflowClient(mlflow_server.uri)
+    name, eid = mlflow_server.new_experiment("helix-paper-browser")
+    log_paper_sweep(client, eid)
+    index = write_report(load_sweep(client, name), tmp_path / "dashboards")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(index.as_uri())
+    width = page.evaluate("document.documentElement.clientWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # no horizontal scrolling
+    feasibility = page.locator("section#feasibility table").bounding_box()
+    assert feasibility["x"] >= 0 and feasibility["x"] + feasibility["width"] <= width, (feasibility, width)
+    assert page.locator("section#feasibility th").count() == 2 + 6 + 1  # dataset, tokens, six variants, paper
+    boxes = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.getBoundingClientRect().right)")
+    assert len(boxes) >= 12 and max(boxes) <= width, boxes
+    page.screenshot(path=str(shots / "report_paper_1280.png"), full_page=True)
+    page.close()
+    assert (shots / "report_paper_1280.png").stat().st_size > 10_000

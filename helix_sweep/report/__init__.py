@@ -5,12 +5,17 @@
 reads the experiment's runs through the MLflow client and writes into <out>/<experiment>/:
 
     index.html                 self-contained page: every table and figure (embedded), links to the files
-    tables/<name>.md, .html    fold tables (ESC-50 style, mean ± std over folds), single-split tables
-                               (Speech Commands style, with epochs reached), long-memory (concat) and
-                               speaker-ID tables, the feasibility table; each beside the paper's numbers
-    figures/*.png              accuracy bars raw vs mel (fold error bars), raw-minus-mel gap per backbone,
-                               training curves per variant, accuracy vs sequence length
+    tables/<name>.md, .html    the paper's Tables 1-5: feasibility by sequence length (ok / slow / OOM, the
+                               paper's cell, the attention implementation), fold tables (ESC-50 style, mean ±
+                               std over folds), single-split (Speech Commands), long-memory (concat) and
+                               speaker-ID tables with best and final (last epoch) test accuracy; each beside
+                               the paper's numbers
+    figures/*.png              Figure 1 (accuracy, raw - mel gap and HELIX - pure Mamba by sequence length),
+                               raw vs mel bars with best epochs (Figures 2-3), fold-1 test curves with 7-epoch
+                               smoothing and best lines (Figures 4-7), per-fold curves
     trials.csv                 one row per trial run (the numbers every table is built from)
+
+dashboards/README.md maps each table and figure of the paper to its file.
 
 The package, in reading order: `loading` (the only module that imports MLflow: runs -> a `results.Sweep`),
 `results` (Sweep, Cell, Trial), `paper` (the paper's numbers and the study's names), `tables`,
@@ -19,7 +24,7 @@ The package, in reading order: `loading` (the only module that imports MLflow: r
 What it reads is the schema in helix_sweep/sweep/schema.py: runs tagged kind=trial with tags dataset,
 variant, fold ("1".."10" or "split"), status, trial_key; metrics with step = epoch: best_test_acc,
 test_acc, train_acc, train_loss, val_acc, test_acc_at_best_val, epoch_seconds, peak_mem_mb,
-epochs_done, best_epoch; params tokens_per_clip, pool_tokens, frontend. Parent runs (kind=parent) may
+epochs_done, best_epoch; params tokens_per_clip, pool_tokens, frontend, attention_impl. Parent runs (kind=parent) may
 carry `folds_planned`, so folds not started yet show as pending.
 
 Numbers: accuracies are stored as fractions and shown in percent. Fold aggregates are the mean and the

@@ -23,22 +23,24 @@ body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#
 table{border-collapse:collapse;margin:.5em 0 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}
 th{background:#f0f0f0} td:first-child{text-align:left;font-weight:600}
+table.wrap{font-size:.8em} table.wrap th{white-space:normal;max-width:9em} table.wrap td{line-height:1.25}
+table.wrap td:last-child{white-space:normal;max-width:14em;text-align:left}
 td.pending{color:#888;font-style:italic} td.oom{background:#fde2e2;color:#a00}
 td.diverged{background:#fff0d8;color:#960} td.failed{background:#fde2e2} td.running{color:#06c}
-ul.notes{font-size:.8em;color:#555;margin:.3em 0 1.2em} figure{display:inline-block;margin:.5em}
+ul.notes{font-size:.8em;color:#555;margin:.3em 0 1.2em;max-width:60em} figure{display:inline-block;margin:.5em;max-width:100%}
 figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:.85em}
 code{background:#f4f4f4;padding:0 .2em}
 """
 
 
 def write_trials_csv(sweep: Sweep, path: Path) -> Path:
-    cols = ["trial_key", "dataset", "variant", "fold", "status", "best_test_acc", "test_acc_at_best_val",
-            "epochs", "best_epoch", "tokens_per_clip", "run_id"]
+    cols = ["trial_key", "dataset", "variant", "fold", "status", "best_test_acc", "final_test_acc",
+            "test_acc_at_best_val", "epochs", "best_epoch", "tokens_per_clip", "run_id"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for t in sorted(sweep.trials, key=lambda t: (t.dataset, t.variant, S.fold_sort_key(t.fold))):
-            w.writerow([t.key, t.dataset, t.variant, t.fold, t.status or "", _num(t.best), _num(t.at_best_val),
+            w.writerow([t.key, t.dataset, t.variant, t.fold, t.status or "", _num(t.best), _num(t.final), _num(t.at_best_val),
                         int_text(t.epochs), int_text(t.metrics.get(S.BEST_EPOCH)), int_text(t.tokens), t.run_id])
     return path
 

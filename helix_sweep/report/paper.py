@@ -42,6 +42,25 @@ PAPER_FEASIBILITY: dict[str, str] = {
     "voxpopuli": "30,000 tokens: pure attention out of memory",
 }
 
+# The paper's Table 1 cell by cell (raw frontend; backbone -> ok | slow | oom), by dataset.
+PAPER_FEASIBILITY_CELLS: dict[str, dict[str, str]] = {
+    "esc50": {"mamba": "ok", "helix": "ok", "attention": "ok"},
+    "librispeech": {"mamba": "ok", "helix": "ok", "attention": "slow"},
+    "voxpopuli": {"mamba": "ok", "helix": "ok", "attention": "oom"},
+}
+SLOW_FACTOR = 2.0  # the paper's "slow": more than 2x pure Mamba's wall time on the same data
+
+# Which of the paper's tables a dataset's table reproduces, by the table kind of results.dataset_kind.
+PAPER_TABLE = {"feasibility": 1, "folds": 2, "single": 3, "long_memory": 4, "speaker": 5}
+SMOOTH_EPOCHS = 7  # the paper's curves (Figures 4-7) are smoothed over 7 epochs
+
+
+def paper_acc(dataset: str, variant: str) -> float | None:
+    """The paper's best test accuracy (%) for a dataset and variant, None where it gives none."""
+    p = PAPER_RESULTS.get(paper_key(dataset) or "", {}).get(variant)
+    return p.acc if p is not None else None
+
+
 DATASET_TITLES = {
     "esc50": "ESC-50", "urbansound8k": "UrbanSound8K", "speechcommands": "Speech Commands v2",
     "speechcommands-concat": "Concat Speech Commands", "librispeech": "LibriSpeech speaker ID (30 s)",

@@ -53,6 +53,17 @@ class Trial:
         return self.metrics.get(S.TEST_ACC_AT_BEST_VAL)
 
     @property
+    def final(self) -> float | None:
+        """Final accuracy (the paper's "Final Acc"): the test accuracy of the last epoch logged."""
+        h = self.history.get(S.TEST_ACC)
+        return h[-1][1] if h else self.metrics.get(S.TEST_ACC)
+
+    @property
+    def best_epoch(self) -> int | None:
+        value = self.metrics.get(S.BEST_EPOCH)
+        return None if value is None else int(value)
+
+    @property
     def epochs(self) -> int | None:
         """Epochs reached: the final `epochs_done`, else the last epoch with a test accuracy."""
         if S.EPOCHS_DONE in self.metrics:
@@ -92,6 +103,15 @@ class Cell:
     def best_mean_std(self) -> tuple[float | None, float | None]:
         return S.mean_std([t.best for t in self.finished])
 
+    def final_mean_std(self) -> tuple[float | None, float | None]:
+        done = self.finished
+        values = [t.final for t in done if t.final is not None]
+        return S.mean_std(values) if done and len(values) == len(done) else (None, None)
+
+    def first_fold(self) -> Trial | None:
+        """The trial the paper's fold-1 view shows: fold 1, else the first fold that has a run."""
+        return next((self.trials[f] for f in self.folds if f in self.trials), None)
+
     def at_best_val_mean_std(self) -> tuple[float | None, float | None]:
         done = self.finished
         values = [t.at_best_val for t in done if t.at_best_val is not None]
@@ -124,3 +144,13 @@ class Sweep:
     def kind(self, dataset: str) -> str:
         return dataset_kind(dataset, {f for (d, _), c in self.cells.items() if d == dataset for f in c.folds})
 
+    def regime_tokens(self, dataset: str) -> int | None:
+        """Tokens per clip of a dataset regime: the raw frontend's (the paper's axis), else any variant's."""
+        cells = [c for (d, _), c in self.cells.items() if d == dataset]
+        raw = [c.tokens() for c in cells if split_variant(c.variant)[1] == "raw" and c.tokens() is not None]
+        other = [c.tokens() for c in cells if c.tokens() is not None]
+        return max(raw or other, default=None)
+
+    def by_length(self) -> list[str]:
+        """Datasets ordered by sequence length (unknown length last), ties in the study's order."""
+        return sorted(self.datasets, key=lambda d: (self.regime_tokens(d) is None, self.regime_tokens(d) or 0))

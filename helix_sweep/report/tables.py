@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from helix_sweep.report.paper import PAPER_FEASIBILITY, PAPER_RESULTS, dataset_title, paper_key
+from helix_sweep.report.paper import (PAPER_FEASIBILITY, PAPER_FEASIBILITY_CELLS, PAPER_RESULTS, PAPER_TABLE,
+                                      SLOW_FACTOR, dataset_title, paper_key)
 from helix_sweep.report.results import Cell, Sweep, Trial, split_variant
 from helix_sweep.sweep import schema as S
 
@@ -86,6 +87,7 @@ class Table:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)  # the numbers behind the rows
+    wrap: bool = False  # HTML: break cells at " · " into lines (keeps wide tables within the page)
 
     def column(self, name: str) -> dict[str, str]:
         """{row label: text} of one column (the first column labels the rows)."""
@@ -103,12 +105,15 @@ class Table:
         return "\n".join(lines).rstrip() + "\n"
 
     def to_html(self) -> str:
+        def text(c: str) -> str:
+            return "<br>".join(html.escape(part) for part in c.split(" · ")) if self.wrap else html.escape(c)
+
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
-        body = "".join("<tr>" + "".join(f'<td class="{_css(c)}">{html.escape(c)}</td>' for c in row) + "</tr>"
+        body = "".join("<tr>" + "".join(f'<td class="{_css(c)}">{text(c)}</td>' for c in row) + "</tr>"
                        for row in self.rows)
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
         return (f'<section class="table" id="{html.escape(self.name)}"><h3>{html.escape(self.title)}</h3>'
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                f"<table{' class=wrap' if self.wrap else ''}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
                 + (f"<ul class=notes>{notes}</ul>" if notes else "") + "</section>")
 
 
@@ -124,6 +129,7 @@ def _css(text: str) -> str:
 NOTE_BEST = ("best test = best test accuracy over epochs (selects the epoch on the test set, as the paper does); "
              "test @ best val = test accuracy at the epoch with the best validation accuracy.")
 NOTE_STD = "mean ± sample std (ddof=1) over finished folds of the per-fold best test accuracy, in %."
+NOTE_FINAL = "final = test accuracy of the last epoch trained (the paper's Final Acc)."
 
 
 def fold_table(sweep: Sweep, dataset: str) -> Table:
@@ -131,7 +137,7 @@ def fold_table(sweep: Sweep, dataset: str) -> Table:
     cells = [sweep.cell(dataset, v) for v in sweep.variants]
     folds = sorted({f for c in cells for f in c.folds}, key=S.fold_sort_key)
     with_val = any(t.at_best_val is not None for c in cells for t in c.trials.values())
-    header = ["variant"] + [f"fold {f}" for f in folds] + ["mean ± std"]
+    header = ["variant"] + [f"fold {f}" for f in folds] + ["mean ± std", "final mean ± std"]
     header += ["test @ best val"] if with_val else []
     has_paper = paper_key(dataset) in PAPER_RESULTS
     header += ["paper", "Δ vs paper"] if has_paper else []
@@ -139,18 +145,19 @@ def fold_table(sweep: Sweep, dataset: str) -> Table:
     for c in cells:
         mean, std = c.best_mean_std()
         vmean, vstd = c.at_best_val_mean_std()
+        fmean, fstd = c.final_mean_std()
         row = [c.variant] + [trial_text(c.trials.get(f)) if f in c.folds else "" for f in folds] + [cell_summary(c)]
-        row += [pm(vmean, vstd)] if with_val else []
+        row += [pm(fmean, fstd)] + ([pm(vmean, vstd)] if with_val else [])
         row += [paper_text(dataset, c.variant), delta_text(dataset, c.variant, mean)] if has_paper else []
         rows.append(row)
         records.append({"dataset": dataset, "variant": c.variant, "mean": mean, "std": std,
                         "n_done": len(c.finished), "n_folds": len(c.folds),
-                        "at_best_val_mean": vmean, "at_best_val_std": vstd,
+                        "at_best_val_mean": vmean, "at_best_val_std": vstd, "final_mean": fmean, "final_std": fstd,
                         "folds": {f: (t.best if t.status == S.FINISHED else t.status) for f, t in c.trials.items()}})
-    notes = [NOTE_STD] + ([NOTE_BEST] if with_val else [])
+    notes = [NOTE_STD, NOTE_FINAL] + ([NOTE_BEST] if with_val else [])
     if paper_key(dataset):
         notes.append("paper: SPEC 'Results to compare against' (best test accuracy, %); Δ = ours − paper in points.")
-    return Table(f"folds_{slug(dataset)}", f"{dataset_title(dataset)}: best test accuracy per fold (%)",
+    return Table(f"folds_{slug(dataset)}", f"Table {PAPER_TABLE['folds']} · {dataset_title(dataset)}: best test accuracy per fold (%)",
                  header, rows, notes, records)
 
 
@@ -165,7 +172,7 @@ def single_table(sweep: Sweep, dataset: str) -> Table:
                     len(multi[0].folds))
     with_val = any(t is not None and t.at_best_val is not None for _, t in trials)
     long_seq = kind in ("long_memory", "speaker")
-    header = ["variant"] + (["tokens/clip", "pool K"] if long_seq else []) + ["best test"]
+    header = ["variant"] + (["tokens/clip", "pool K"] if long_seq else []) + ["best test", "final test"]
     header += ["test @ best val"] if with_val else []
     has_paper = paper_key(dataset) in PAPER_RESULTS
     header += ["epochs reached", "best epoch", "status"] + (["paper", "Δ vs paper"] if has_paper else [])
@@ -173,38 +180,37 @@ def single_table(sweep: Sweep, dataset: str) -> Table:
     for c, t in trials:
         mean, _ = c.best_mean_std()
         vmean, _ = c.at_best_val_mean_std()
+        fmean, _ = c.final_mean_std()
         best_text = pm(mean, None) if c.finished else cell_summary(c)
         row = [c.variant]
         if long_seq:
             row += [int_text(t.tokens) if t else "", (t.params.get(S.POOL_TOKENS, "") if t else "")]
-        row += [best_text] + ([pct(vmean)] if with_val else [])
+        row += [best_text, pct(fmean)] + ([pct(vmean)] if with_val else [])
         best_epoch = t.metrics.get(S.BEST_EPOCH) if t else None
         row += [int_text(t.epochs) if t else "", int_text(best_epoch), STATUS_TEXT.get(t.status, t.status) if t else "pending"]
         row += [paper_text(dataset, c.variant), delta_text(dataset, c.variant, mean)] if has_paper else []
         rows.append(row)
-        records.append({"dataset": dataset, "variant": c.variant, "best": mean, "at_best_val": vmean,
-                        "epochs": t.epochs if t else None, "status": t.status if t else None})
+        records.append({"dataset": dataset, "variant": c.variant, "best": mean, "final": fmean, "at_best_val": vmean,
+                        "epochs": t.epochs if t else None, "best_epoch": t.best_epoch if t else None,
+                        "status": t.status if t else None})
     what = {"single": "single split", "long_memory": "long memory (concatenated clips, label of the first)",
             "speaker": "speaker ID"}[kind]
-    notes = ([NOTE_BEST] if with_val else []) + ["epochs reached = epochs trained (the paper's runs stopped early "
+    notes = [NOTE_FINAL] + ([NOTE_BEST] if with_val else []) + ["epochs reached = epochs trained (the paper's runs stopped early "
                                                  "where compute ran out); best epoch = epoch of the best test."]
     if paper_key(dataset):
         notes.append("paper: SPEC 'Results to compare against' (best test accuracy, %, epochs reached).")
-    return Table(f"{kind}_{slug(dataset)}", f"{dataset_title(dataset)}: {what}, best test accuracy (%)",
+    return Table(f"{kind}_{slug(dataset)}", f"Table {PAPER_TABLE[kind]} · {dataset_title(dataset)}: {what}, "
+                 "best and final test accuracy (%)",
                  header, rows, notes, records)
 
 
 def feasibility_table(sweep: Sweep) -> Table:
-    """Which variants train at which sequence length: status, s/epoch (x pure Mamba), peak memory."""
+    """Table 1: which variants train at which sequence length: ok / slow / OOM, s/epoch (x pure Mamba),
+    peak memory; rows by sequence length, the paper's cell beside ours."""
     has_paper = any(paper_key(d) in PAPER_FEASIBILITY for d in sweep.datasets)
     header = ["dataset", "tokens/clip (raw / mel)"] + sweep.variants + (["paper"] if has_paper else [])
     rows, records = [], []
-
-    def longest(d: str) -> float:
-        tokens = [n for v in sweep.variants if (n := sweep.cell(d, v).tokens()) is not None]
-        return max(tokens, default=math.inf)
-
-    for d in sorted(sweep.datasets, key=longest):  # rows by sequence length
+    for d in sweep.by_length():
         cells = {v: sweep.cell(d, v) for v in sweep.variants}
         by_frontend: dict[str, int] = {}
         for v, c in cells.items():
@@ -219,23 +225,57 @@ def feasibility_table(sweep: Sweep) -> Table:
             ref = cells.get(f"mamba-{frontend}")
             ref_secs = _mean([t.mean_of("epoch_seconds") for t in ref.trials.values()]) if ref and backbone != "mamba" else None
             peak = max([m for t in c.trials.values() if (m := t.max_of("peak_mem_mb")) is not None], default=None)
-            row.append(_feasibility_text(c, secs, ref_secs, peak))
+            category = feasibility_category(c, secs, ref_secs)
+            row.append(_feasibility_text(c, category, secs, ref_secs, peak))
             records.append({"dataset": d, "variant": v, "statuses": dict(c.statuses()), "epoch_seconds": secs,
-                            "peak_mem_mb": peak})
+                            "peak_mem_mb": peak, "category": category,
+                            "paper": PAPER_FEASIBILITY_CELLS.get(paper_key(d) or "", {}).get(backbone)
+                            if frontend == "raw" else None})
         if has_paper:
             row.append(PAPER_FEASIBILITY.get(paper_key(d) or "", ""))
         rows.append(row)
-    notes = ["ok = every planned trial finished; s/ep = mean epoch wall time; ×Mamba = relative to pure Mamba "
-             "with the same frontend; MB = peak accelerator (or process) memory.",
+    notes = [f"ok = every planned trial finished; slow = finished, but more than {SLOW_FACTOR:g}× the epoch time of pure "
+             "Mamba with the same frontend (the paper's 'slow'); s/ep = mean epoch wall time; MB = peak accelerator "
+             "(or process) memory.",
              "OOM = ran out of memory; planned OOM = not launched because the plan predicts out of memory; "
-             "diverged = stopped after repeated non-finite losses."]
-    return Table("feasibility", "Feasibility by sequence length", header, rows, notes, records)
+             "diverged = stopped after repeated non-finite losses.",
+             attention_note(sweep, records)]
+    return Table("feasibility", f"Table {PAPER_TABLE['feasibility']} · Feasibility by sequence length", header, rows,
+                 notes, records, wrap=True)
 
 
-def _feasibility_text(cell: Cell, secs: float | None, ref_secs: float | None, peak: float | None) -> str:
+def feasibility_category(cell: Cell, secs: float | None, ref_secs: float | None) -> str | None:
+    """The paper's Table 1 category of a cell: ok | slow | oom, None while it is undecided or failed otherwise."""
     counts = cell.statuses()
     if cell.complete:
-        status = "ok"
+        return "slow" if secs is not None and ref_secs and secs / ref_secs > SLOW_FACTOR else "ok"
+    if counts.get(S.OOM) or counts.get(S.PLANNED_OOM):
+        return "oom"
+    return None
+
+
+def attention_note(sweep: Sweep, records: list[dict[str, Any]]) -> str:
+    """One sentence: the attention implementation the trials ran and where Table 1 departs from the paper."""
+    impls = sorted({t.params["attention_impl"] for t in sweep.trials
+                    if t.params.get("attention_impl") and split_variant(t.variant)[0] != "mamba"})
+    ran = f"attention ran as {' and '.join(impls)}" if impls else "the runs do not record attention_impl"
+    differ = [f"{r['dataset']} {r['variant']} {r['category']} (paper {r['paper']})" for r in records
+              if r["paper"] and r["category"] and r["category"] != r["paper"]]
+    compared = [r for r in records if r["paper"] and r["category"]]
+    if not compared:
+        verdict = "no cell with a paper entry has a result yet"
+    elif differ:
+        verdict = "it departs from the paper's pattern in: " + "; ".join(differ)
+    else:
+        verdict = f"it matches the paper's pattern in all {len(compared)} cells with a result"
+    return (f"The paper's Table 1 is naive attention (L×L weights) on one 48 GB GPU; here {ran}, and {verdict}.")
+
+
+def _feasibility_text(cell: Cell, category: str | None, secs: float | None, ref_secs: float | None,
+                      peak: float | None) -> str:
+    counts = cell.statuses()
+    if category in ("ok", "slow"):
+        status = category
     elif len(counts) == 1:
         status = STATUS_TEXT.get(next(iter(counts)), next(iter(counts)))
     else:
@@ -244,7 +284,8 @@ def _feasibility_text(cell: Cell, secs: float | None, ref_secs: float | None, pe
                            for s in sorted(counts, key=lambda s: order.index(s) if s in order else len(order)))
     parts = [status]
     if secs is not None:
-        parts.append(f"{secs:.1f} s/ep" + (f" ({secs / ref_secs:.1f}× Mamba)" if ref_secs else ""))
+        parts.append(f"{secs:.1f} s/ep")
+        parts += [f"({secs / ref_secs:.1f}× Mamba)"] if ref_secs else []  # own line in HTML: narrow columns
     if peak is not None:
         parts.append(f"{peak:,.0f} MB")
     return " · ".join(parts)
@@ -264,12 +305,11 @@ def slug(name: str) -> str:
 
 
 def study_tables(sweep: Sweep) -> list[Table]:
-    """Every table of the study, in reading order: folds, single split, long memory, speaker ID, feasibility."""
-    order = {"folds": 0, "single": 1, "long_memory": 2, "speaker": 3}
-    tables = []
-    for d in sorted(sweep.datasets, key=lambda d: order[sweep.kind(d)]):
+    """Every table of the study in the paper's order: feasibility (Table 1), folds (2), single split (3),
+    long memory (4), speaker ID (5)."""
+    tables = [feasibility_table(sweep)]
+    for d in sorted(sweep.datasets, key=lambda d: PAPER_TABLE[sweep.kind(d)]):
         tables.append(fold_table(sweep, d) if sweep.kind(d) == "folds" else single_table(sweep, d))
-    tables.append(feasibility_table(sweep))
     return tables
 
 
