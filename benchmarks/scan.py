@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from helix_sweep.models import scan as scan_module
+from helix_sweep.models import scan_pure
 from helix_sweep.models.scan import selective_scan_pure
 
 # case -> (batch, length, d_model, d_state); d_inner = 2 * d_model
@@ -109,7 +109,7 @@ def scan_fn(impl):
 
 def pure_picks_whole(batch, length, d_model, d_state):
     """Whether selective_scan_pure takes its "whole" mode on CPU for this case's scans."""
-    return batch * 2 * d_model * length * d_state <= scan_module.WHOLE_MAX_ELEMENTS
+    return batch * 2 * d_model * length * d_state <= scan_pure.WHOLE_MAX_ELEMENTS
 
 
 # --- workloads ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helix_sweep.models import scan
+from helix_sweep.models import scan, scan_pure
 from helix_sweep.models.scan import selective_scan, selective_scan_pure
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -78,7 +78,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", scan.MODES)
+@pytest.mark.parametrize("mode", scan_pure.MODES)
 @pytest.mark.parametrize("batch,dim,d_state,length,chunk", CASES)
 def test_scan_matches_sequential_recurrence(mode, batch, dim, d_state, length, chunk):
     inputs = make_inputs(batch, dim, d_state, length, seed=length)
@@ -94,7 +94,7 @@ def test_scan_matches_sequential_recurrence(mode, batch, dim, d_state, length, c
         assert rel_err(grads[name].double(), ref_grads[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("mode", scan.MODES)
+@pytest.mark.parametrize("mode", scan_pure.MODES)
 def test_scan_with_large_steps(mode):
     # Steps of ~2 with |A| up to 12: decays down to e^-24 within one step.
     inputs = make_inputs(2, 6, 8, 40, seed=11)
@@ -109,7 +109,7 @@ def test_scan_with_large_steps(mode):
         assert rel_err(grads[name].double(), ref_grads[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("mode", scan.MODES)
+@pytest.mark.parametrize("mode", scan_pure.MODES)
 def test_scan_without_optional_inputs_and_with_groups(mode):
     inputs = make_inputs(2, 8, 4, 21, groups=2, seed=3)
     for k in ("D", "z", "delta_bias"):
@@ -138,10 +138,10 @@ def test_last_state_and_dispatch_on_cpu():
 
 def test_cpu_mode_is_chosen_by_size(monkeypatch):
     calls = []
-    whole_forward = scan._whole_forward
-    monkeypatch.setattr(scan, "_whole_forward", lambda *a: calls.append(a[1].shape) or whole_forward(*a))
+    whole_forward = scan_pure._whole_forward
+    monkeypatch.setattr(scan_pure, "_whole_forward", lambda *a: calls.append(a[1].shape) or whole_forward(*a))
     small, large = make_inputs(2, 8, 4, 30, seed=12), make_inputs(2, 8, 4, 31, seed=12)
-    monkeypatch.setattr(scan, "WHOLE_MAX_ELEMENTS", 2 * 8 * 4 * 30)  # B * E * N * L of `small`
+    monkeypatch.setattr(scan_pure, "WHOLE_MAX_ELEMENTS", 2 * 8 * 4 * 30)  # B * E * N * L of `small`
     assert torch.equal(selective_scan_pure(**small, delta_softplus=True),
                        selective_scan_pure(**small, delta_softplus=True, mode="whole"))
     assert calls == [(2, 8, 30)] * 2

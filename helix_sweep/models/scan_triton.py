@@ -449,7 +449,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     block_e: channels per program (a power of two dividing E / G; None: chosen by N).
     splits: parts of the sequence run in parallel (None: enough to fill the GPU, 1 on CPU).
     """
-    from helix_sweep.models.scan import _check_shapes
+    from helix_sweep.models.scan_pure import _check_shapes
 
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if not (u.is_cuda or INTERPRETING):

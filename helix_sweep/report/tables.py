@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable

@@ -31,7 +31,7 @@ from helix_sweep.config import TrialBudget, TrialSpec
 from helix_sweep.models.classifier import classifier_params
 from helix_sweep.models.frontends import SAMPLE_RATE, num_tokens, patch_inputs
 from helix_sweep.models.matching import matched_d_ffn
-from helix_sweep.models.scan import chunk_len, segment_len
+from helix_sweep.models.scan_pure import chunk_len, segment_len
 
 GIB = 1024**3
 ATTENTION_IMPLS = ("naive", "sdpa")
