@@ -3,7 +3,8 @@
 Composition, later wins: search_spaces/base.yaml < search_spaces/grids/<grid>.yaml < command line.
 The catalogs search_spaces/variants.yaml and datasets.yaml are loaded into the same tree
 (`variant_defs`, `dataset_defs`) so that they, too, can be overridden and are type-checked.
-Imports nothing from the rest of the package.
+Imports nothing from the rest of the package. One concept (the typed settings, their composition and
+their checks), hence one module of over 400 lines.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class VariantDef:
 
 @dataclass
 class DatasetDef:
+    title: str = ""  # the name tables and figures show ("": the key)
     clip_seconds: float = MISSING
     num_classes: int = MISSING
     folds: Optional[List[int]] = None  # None: one official split
@@ -298,6 +300,14 @@ def dataset_catalog() -> Dict[str, DatasetDef]:
     node = _merge(OmegaConf.structured(SweepConfig), {"dataset_defs": _read_yaml(SEARCH_SPACES / "datasets.yaml")},
                   "search_spaces/datasets.yaml")
     return OmegaConf.to_object(node.dataset_defs)  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=None)
+def variant_catalog() -> Dict[str, VariantDef]:
+    """search_spaces/variants.yaml, type-checked: the study's named variants, in the study's order."""
+    node = _merge(OmegaConf.structured(SweepConfig), {"variant_defs": _read_yaml(SEARCH_SPACES / "variants.yaml")},
+                  "search_spaces/variants.yaml")
+    return OmegaConf.to_object(node.variant_defs)  # type: ignore[return-value]
 
 
 def check_config(cfg: SweepConfig) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from helix_sweep.config import SEARCH_SPACES, _read_yaml
+from helix_sweep.config import variant_catalog
 import torch
 
 from helix_sweep.models import build_classifier, resolve_scan_impl, scan_impl_status
@@ -23,11 +23,11 @@ def main(argv: list[str]) -> int:
     samples = int(opts["clip_seconds"] * 16000)
     print(f"{'variant':<15}{'pattern':<9}{'total':>11}{'frontend':>10}{'head':>8}  {'per layer':<54}{'d_ffn':>6}"
           f"{'tokens':>8}")
-    for name, v in _read_yaml(SEARCH_SPACES / "variants.yaml").items():
-        m = build_classifier(v["pattern"], v["frontend"], int(opts["num_classes"]), d_model=int(opts["d_model"]),
+    for name, v in variant_catalog().items():
+        m = build_classifier(v.pattern, v.frontend, int(opts["num_classes"]), d_model=int(opts["d_model"]),
                              d_state=int(opts["d_state"]))
         r = m.param_report()
-        print(f"{name:<15}{v['pattern']:<9}{r['total']:>11,}{r['frontend']:>10,}{r['head']:>8,}  "
+        print(f"{name:<15}{v.pattern:<9}{r['total']:>11,}{r['frontend']:>10,}{r['head']:>8,}  "
               f"{','.join(f'{n:,}' for n in r['layers']):<54}{r['d_ffn']:>6}{m.num_tokens(samples):>8}")
     print(f"\ntokens for a {opts['clip_seconds']:g} s clip at 16 kHz. The paper states ~8.3M parameters; "
           "its layer spec gives the totals above.")

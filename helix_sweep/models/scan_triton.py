@@ -30,7 +30,8 @@ The kernels only run on CUDA tensors, or on CPU tensors under Triton's interpret
 (TRITON_INTERPRET=1 in the environment before this module is imported; the tests do this).
 
 Legend: B batch, E d_inner, N d_state (NP padded to a power of two), L sequence length,
-G groups of B/C, H = E / G, T chunk, S splits.
+G groups of B/C, H = E / G, T chunk, S splits. One concept (the kernels and their autograd Function),
+hence one module of over 400 lines.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from helix_sweep.config import dataset_catalog, variant_catalog
 from helix_sweep.sweep import schema as S
 
 
@@ -61,14 +62,10 @@ def paper_acc(dataset: str, variant: str) -> float | None:
     return p.acc if p is not None else None
 
 
-DATASET_TITLES = {
-    "esc50": "ESC-50", "urbansound8k": "UrbanSound8K", "speechcommands": "Speech Commands v2",
-    "speechcommands-concat": "Concat Speech Commands", "librispeech": "LibriSpeech speaker ID (30 s)",
-    "voxpopuli": "VoxPopuli speaker ID (300 s)",
-}
 BACKBONE_TITLES = {"mamba": "pure Mamba", "helix": "HELIX", "attention": "pure attention"}
-VARIANT_ORDER = ["mamba-raw", "mamba-mel", "helix-raw", "helix-mel", "attention-raw", "attention-mel"]
-DATASET_ORDER = ["esc50", "urbansound8k", "speechcommands", "speechcommands-concat", "librispeech", "voxpopuli"]
+# tables and figures follow the catalogs' order (search_spaces/variants.yaml, datasets.yaml)
+VARIANT_ORDER = list(variant_catalog())
+DATASET_ORDER = list(dataset_catalog())
 
 
 def paper_key(dataset: str) -> str | None:
@@ -81,4 +78,5 @@ def paper_key(dataset: str) -> str | None:
 
 
 def dataset_title(dataset: str) -> str:
-    return DATASET_TITLES.get(dataset, dataset)
+    entry = dataset_catalog().get(dataset)
+    return entry.title if entry is not None and entry.title else dataset
