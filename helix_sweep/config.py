@@ -67,7 +67,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     seed: int = 0
-    checkpoint_minutes: float = 15.0  # mid-epoch checkpoint interval
+    checkpoint_minutes: float = 15.0  # mid-epoch checkpoint interval (0: after every step)
     keep_checkpoints: int = 2  # newest kept, plus the best
     max_nonfinite_steps: int = 25  # consecutive skipped steps before "diverged"
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -361,7 +361,7 @@ RANGES = {
     "model.d_model": (1, True), "model.d_state": (1, True), "model.d_conv": (1, True), "model.expand": (1, True),
     "model.num_heads": (1, True),
     "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.min_lr": (0, True),
-    "train.weight_decay": (0, True), "train.grad_clip": (0, False), "train.checkpoint_minutes": (0, False),
+    "train.weight_decay": (0, True), "train.grad_clip": (0, False), "train.checkpoint_minutes": (0, True),
     "train.keep_checkpoints": (1, True), "train.max_nonfinite_steps": (1, True),
     "train.augment.time_shift_s": (0, True), "train.augment.gain_min": (0, True),
     "train.augment.noise_std": (0, True), "train.augment.mixup_alpha": (0, True),

@@ -155,7 +155,7 @@ def run_cli_full(*args):
 @pytest.mark.parametrize("args,needle", [
     (["folds=[]"], "folds=[]"),
     (["train.lr=-0.001"], "train.lr=-0.001: must be > 0"),
-    (["train.checkpoint_minutes=-1"], "train.checkpoint_minutes=-1.0: must be > 0"),
+    (["train.checkpoint_minutes=-1"], "train.checkpoint_minutes=-1.0: must be >= 0"),
     (["resources.gpus_per_worker=-1"], "resources.gpus_per_worker=-1.0: must be > 0"),
     (["max_failures=-1"], "max_failures=-1: must be >= 0"),
     (["search.num_samples=-1"], "search.num_samples=-1: must be >= 0"),
