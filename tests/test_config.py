@@ -203,3 +203,17 @@ def test_a_grid_that_extends_an_unknown_grid_is_refused(tmp_path, monkeypatch):
         config.grid_chain("a")
     with pytest.raises(ConfigError, match="extends unknown grid 'nope'"):
         config.grid_chain("c")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("dataset_defs.synth-commands.train={lr: -1}", "dataset_defs.synth-commands.train.lr=-1.0: must be > 0"),
+    ("dataset_defs.synth-commands.model={num_heads: 3}", "dataset_defs.synth-commands.model.num_heads=3: must divide"),
+    ("dataset_defs.synth-commands.resources={num_workers: 0}",
+     "dataset_defs.synth-commands.resources.num_workers=0: must be >= 1"),
+])
+def test_a_datasets_own_sections_are_checked_like_the_sweeps(override, needle):
+    """datasets.yaml entries merge their own train/model/resources over the sweep's: the merged values
+    get the same checks, before Ray starts, naming the dataset's key."""
+    with pytest.raises(ConfigError) as err:
+        plan_trials([override, "datasets=[synth-commands]"])
+    assert needle in str(err.value)

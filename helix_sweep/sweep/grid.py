@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from helix_sweep.config import (
     ConfigError, DatasetDef, ModelConfig, ResourceConfig, SweepConfig, TrainConfig, TrialSpec, VariantDef,
+    check_model, check_resources, check_train,
 )
 from helix_sweep.training import tokens_per_clip, trial_budget
 
@@ -65,11 +66,15 @@ def _matches(rule: dict, fields: dict) -> bool:
     return all(fields[k] == v for k, v in rule.items())
 
 
-def _merged(base, overrides: dict, cls, where: str):
+def _merged(base, overrides: dict, cls, where: str, check):
+    """A dataset's section merged over the sweep's, checked as the sweep's own was (a dataset's
+    train.lr: -1 or model.num_heads that does not divide d_model fails here, before Ray starts)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides or {}))
+        merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), overrides or {}))
     except Exception as exc:  # a typo in datasets.yaml's train/resources sections
         raise ConfigError(f"{where}: {exc}") from None
+    check(merged, where)
+    return merged
 
 
 def expand_grid(cfg: SweepConfig) -> list[TrialSpec]:
@@ -82,11 +87,11 @@ def expand_grid(cfg: SweepConfig) -> list[TrialSpec]:
         folds = [k for k in ds.folds if cfg.folds is None or k in cfg.folds] if ds.folds else [None]
         # base.yaml < grid file < the dataset's own overrides < the command line
         model: ModelConfig = _merged(cfg.model, OmegaConf.merge(ds.model, cfg.model_explicit), ModelConfig,
-                                     f"dataset_defs.{ds_name}.model")
+                                     f"dataset_defs.{ds_name}.model", check_model)
         train: TrainConfig = _merged(cfg.train, OmegaConf.merge(ds.train, cfg.train_explicit), TrainConfig,
-                                     f"dataset_defs.{ds_name}.train")
+                                     f"dataset_defs.{ds_name}.train", check_train)
         resources: ResourceConfig = _merged(cfg.resources, ds.resources, ResourceConfig,
-                                            f"dataset_defs.{ds_name}.resources")
+                                            f"dataset_defs.{ds_name}.resources", check_resources)
         for v_name, v in variants.items():
             if v.frontend not in ds.frontends:
                 continue
