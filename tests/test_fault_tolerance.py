@@ -12,6 +12,7 @@ MLflow server on loopback. No mocks.
 - A lost node: the trial finishes on another node from its checkpoint.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -26,7 +27,7 @@ import torch
 from helix_sweep.run import plan_trials
 from helix_sweep.sweep.tracking import ensure_tracking_server, server_status, stop_tracking_server
 from helix_sweep.sweep.worker import RAY_SNAPSHOT
-from helix_sweep.training.checkpoint import BEST_DIR, checkpoints_on_disk, load_state
+from helix_sweep.training.checkpoint import BEST_DIR, checkpoints_on_disk, load_newest, load_state
 from helix_sweep.training.loop import run_training
 from sweep_process import client_for, kill_group, run, start, trial_runs, wait_for
 
@@ -206,9 +207,54 @@ def read_only(directory: Path):
         subprocess.run(["umount", "-l", str(directory)], check=True)
 
 
-def test_read_only_checkpoint_storage_fails_clearly_and_resumes_intact(workdir):
+@contextmanager
+def tmpfs(directory: Path, size_mb: int):
+    """A small tmpfs mounted at directory (root only; skips where mounting is not allowed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)
+
+
+@contextmanager
+def filled(directory: Path):
+    """Fill directory's file system to the last block with a ballast file; remove it on exit."""
+    ballast = directory / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError:  # ENOSPC: on to smaller writes
+                pass
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        ballast.unlink()
+
+
+# Both faults mean the same thing to a 40-hour run (no next checkpoint can be written) and take the same
+# path; the full disk is the likelier one and runs in CI, the read-only storage outside it (-m slow).
+@pytest.mark.parametrize("fault", [pytest.param("read-only", marks=pytest.mark.slow), "full-disk"])
+def test_unwritable_checkpoint_storage_fails_clearly_and_resumes_intact(workdir, fault):
     key = "synth-commands/helix-mel/split"
     args = [*BASE, "variants=[helix-mel]", "max_failures=1", "train.inject={sleep_per_step: 0.4}"]
+    with contextlib.ExitStack() as stack:
+        if fault == "full-disk":  # the trials' storage is a small file system of its own from the start
+            [exp] = {t.experiment for t in plan_trials(args)[1]}
+            stack.enter_context(tmpfs(workdir / "experiments" / exp / "trials", size_mb=48))
+        _unwritable_storage_run(workdir, key, args, fault)
+
+
+def _unwritable_storage_run(workdir, key, args, fault):
     driver = start(workdir, *args)
 
     def registered():  # epoch 1's checkpoint is in Ray's record: the next write is the worker's
@@ -216,18 +262,18 @@ def test_read_only_checkpoint_storage_fails_clearly_and_resumes_intact(workdir):
                 if "epoch0001" in p.read_text()]
     try:
         [run_dir] = wait_for(registered, 300, "the first epoch's checkpoint", poll=0.3)
-        with read_only(run_dir.parent):
+        with (read_only(run_dir.parent) if fault == "read-only" else filled(run_dir.parent)):
             assert driver.wait(timeout=600) == 1, "a trial that cannot checkpoint must fail the sweep"
             log_text = (workdir / "driver.log").read_text()
             [r] = trial_runs(workdir)
-            intact = checkpoints_on_disk(run_dir)
+            intact = load_newest(checkpoints_on_disk(run_dir))  # a full disk may leave the newest cut short
     finally:
         kill_group(driver)
     # the reason names the storage and the checkpoint left to resume from, in the log and in MLflow
     reason = r.data.tags["stop_reason"]
     assert r.data.tags["status"] == "failed" and r.info.status == "FAILED"
-    assert f"checkpoint storage {run_dir} is not writable" in reason and "Read-only file system" in reason \
-        or "Permission denied" in reason, reason
+    why = {"read-only": ("Read-only file system", "Permission denied"), "full-disk": ("No space left on device",)}
+    assert f"checkpoint storage {run_dir} is not writable" in reason and any(w in reason for w in why[fault]), reason
     assert f"the previous checkpoint {intact[0]} is intact" in reason
     assert f"errored: {key}: helix_sweep.training.checkpoint.CheckpointStorageError: {key}: checkpoint storage " \
         f"{run_dir} is not writable" in log_text  # the driver's closing summary

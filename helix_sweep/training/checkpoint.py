@@ -156,8 +156,9 @@ def prune(run_dir: str | Path, keep: int, protected: set[str]) -> list[Path]:
 
 
 def storage_error(key: str, run_dir: str | Path, cause: BaseException) -> CheckpointStorageError:
-    """The one message for an unwritable storage: where, why, and what a rerun resumes from."""
-    intact = checkpoints_on_disk(run_dir)
+    """The one message for an unwritable storage: where, why, and what a rerun resumes from: the newest
+    checkpoint that loads (a full disk can leave the one being copied in cut short)."""
+    intact = load_newest(checkpoints_on_disk(run_dir))
     return CheckpointStorageError(
         f"{key}: checkpoint storage {run_dir} is not writable ({cause}); the previous checkpoint "
         f"{intact[0] if intact else '(none yet)'} is intact. Free or fix the storage, then rerun the same "
