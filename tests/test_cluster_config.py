@@ -115,13 +115,17 @@ def test_token_auth_on_every_node(aws):
     assert "export RAY_AUTH_MODE=token" in commands(aws, "setup_commands")
 
 
-def test_mlflow_on_the_head_private_address(aws):
-    start = commands(aws, "head_start_ray_commands")
-    assert "mlflow server" in start
-    assert '--host "$(cat ~/.helix_head_ip)"' in start
-    assert "hostname -I" in commands(aws, "head_setup_commands")
+def test_mlflow_on_the_head_private_address_supervised_on_postgresql(aws):
+    setup = commands(aws, "head_setup_commands")
+    # the systemd service of helix_sweep.sweep.head (tests/test_head.py runs its command line)
+    install = next(c for c in aws["head_setup_commands"] if "helix_sweep.sweep.head install" in c)
+    assert '--host "$(cat ~/.helix_head_ip)"' in install
+    assert setup.index("hostname -I") < setup.index("helix_sweep.sweep.head install")
+    assert "--shared /mnt/helix/mlflow" in install  # artifacts and backups survive a replaced head
+    assert "[head]" in setup  # the PostgreSQL client
+    assert "sudo systemctl restart helix-mlflow.service" in commands(aws, "head_start_ray_commands")
     assert "mlflow" not in commands(aws, "worker_start_ray_commands")
-    assert "/mnt/helix/mlflow" in start  # on the shared file system: survives a replaced head
+    assert "sqlite" not in commands(aws, "head_setup_commands", "head_start_ray_commands")
 
 
 def test_workers_install_the_cuda_extra_and_mount_shared_storage(aws):
