@@ -83,19 +83,23 @@ def _serve(head: H.Head, log: Path) -> subprocess.Popen:
     env.update(line.split("=", 1)[1].split("=", 1) for line in unit.splitlines() if line.startswith("Environment="))
     proc = subprocess.Popen(shlex.split(exec_start), stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # its first start creates MLflow's tables: slow on a loaded machine
     while True:
         try:
             check_tracking_reachable(f"http://{head.host}:{head.port}", timeout=2)
             return proc
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
                 raise AssertionError(f"server did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 9)
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
     proc.wait(timeout=30)
 
 
