@@ -254,3 +254,46 @@ def test_slow_rank_checkpoints_together_and_a_killed_rank_resumes_bit_identical(
     assert same_params(r0["params"], ref0["params"]) and same_params(r1["params"], ref1["params"])
     assert r0["finished"][0]["history"] == ref0["finished"][0]["history"]
     print("resumed at [epoch, step in epoch, global step]", r0["resumed_at"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_worker_sweep_through_ray(tmp_path):
+    """The same through the sweep (Ray Tune + Ray Train with 2 gloo workers + MLflow): a trial whose
+    rank 1 is SIGKILLed mid-epoch is restarted by Ray Train and ends bit-identical to an uninterrupted
+    2-rank run; a trial whose rank 1 has NaN losses ends diverged, recorded once, the sweep goes on.
+    ~3-4 min on a loaded 2-core machine (two 2-worker trials, one after the other)."""
+    from helix_sweep.sweep.tracking import stop_tracking_server
+    from helix_sweep.training import load_state
+    from sweep_process import run, trial_runs
+
+    workdir = tmp_path / "sweep"
+    marker = tmp_path / "killed"
+    args = ["datasets=[synth-commands]", "variants=[helix-mel,attention-mel]", "resources.num_workers=2",
+            "train.batch_size=100", "train.deterministic=true", "train.epochs=2", "train.checkpoint_minutes=0.0",
+            "train.max_nonfinite_steps=3",
+            "train.inject={per_trial: {helix-mel: {kill_at_step: 8, kill_marker: '" + str(marker) + "', rank: 1}, "
+            "attention-mel: {nan_from_step: 2, rank: 1}}}"]
+    try:
+        proc = run(workdir, *args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs = {r.data.tags["trial_key"]: r for r in trial_runs(workdir)}
+    finally:
+        stop_tracking_server(workdir)
+    assert (tmp_path / "killed.8").exists(), "rank 1 was not killed"
+    killed, diverged = runs["synth-commands/helix-mel/split"], runs["synth-commands/attention-mel/split"]
+    assert len(runs) == 2 and killed.data.tags["status"] == "finished" and int(killed.data.tags["resumes"]) >= 1
+    assert diverged.data.tags["status"] == "diverged"
+    assert diverged.data.tags["stop_reason"] == "3 non-finite losses in a row at step 5"
+
+    _, specs = plan_trials([f"workdir={workdir}", *args])
+    spec = next(s for s in specs if s.key == "synth-commands/helix-mel/split")
+    reference = with_train(spec, inject={})
+    assert run_group(reference, tmp_path / "ref", tmp_path / "ref-out") == [0, 0]
+    [ref_final] = (tmp_path / "ref").glob("*-final")
+    [final] = workdir.glob("experiments/*/trials/synth-commands__helix-mel__split/*-final")
+    ref_state, state = load_state(ref_final), load_state(final)
+    for name, tensor in ref_state["model"].items():
+        assert torch.equal(tensor, state["model"][name]), name
+    strip = lambda h: [{k: v for k, v in e.items() if k not in TIMING} for e in h]  # noqa: E731
+    assert strip(ref_state["progress"]["history"]) == strip(state["progress"]["history"])
