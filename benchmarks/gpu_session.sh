@@ -3,7 +3,8 @@
 # machine: `bash benchmarks/gpu_session.sh`. Everything it produces goes under $OUT (default ./gpu_out):
 #   env.txt           GPU, driver, torch/triton versions, what `python -m helix_sweep.models` resolves
 #   tests.log         tests/test_scan.py + tests/test_scan_triton.py on CUDA (Triton compiled, not interpreted)
-#   dispatch.log      tests/test_scan_dispatch.py (needs the training deps; skipped if they do not import)
+#   dispatch.log      tests/test_scan_dispatch.py and tests/test_ddp_gpu.py (NCCL: a 1-rank group, a 1-worker
+#                     trial killed and resumed); needs the training deps, skipped if they do not import
 #   mamba_build.log   only with BUILD_MAMBA=1: mamba-ssm's CUDA kernels built for this GPU, time-capped
 #   gpu_check.md/.log benchmarks/gpu_check.py (scan rows pure / triton / cuda-when-built, the six variants)
 # Knobs: PY (python3), PARTS ("tests dispatch check": which parts run), BUDGET_S (gpu_check budget, 200),
@@ -43,7 +44,8 @@ if [[ " $PARTS " == *" tests "* ]]; then
 fi
 if [[ " $PARTS " == *" dispatch "* ]]; then
   if "$PY" -c "import helix_sweep.training.loop" 2>/dev/null; then
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan_dispatch.py >"$OUT/dispatch.log" 2>&1
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan_dispatch.py tests/test_ddp_gpu.py \
+      >"$OUT/dispatch.log" 2>&1
     echo "exit $?" >>"$OUT/dispatch.log"
   else
     "$PY" -c "import helix_sweep.training.loop" >"$OUT/dispatch.log" 2>&1

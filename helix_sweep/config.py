@@ -56,6 +56,10 @@ class AugmentSettings:
     mixup_alpha: float = 0.3
 
 
+INJECT_KEYS = ("nan_at_step", "nan_from_step", "oom_at_step", "kill_at_step", "kill_marker", "sleep_per_step",
+               "sleep_before_finish", "trial", "per_trial", "rank")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 100
@@ -73,8 +77,9 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     val_fraction: float = 0.0  # held-out share of the training side as validation
     log_model: bool = False  # log the best weights to MLflow
-    # test hooks (fault injection): nan_at_step, nan_from_step, oom_at_step, kill_at_step + kill_marker,
-    # sleep_per_step, sleep_before_finish; trial, per_trial (helix_sweep.training.faults says what each does)
+    # test hooks (fault injection), INJECT_KEYS: nan_at_step, nan_from_step, oom_at_step, kill_at_step +
+    # kill_marker, sleep_per_step, sleep_before_finish; trial, per_trial, rank (one DDP rank only)
+    # (helix_sweep.training.faults says what each does)
     inject: Dict[str, Any] = field(default_factory=dict)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 
@@ -348,6 +353,13 @@ def check_config(cfg: SweepConfig) -> None:
     check_model(cfg.model, "model")
     check_train(cfg.train, "train")
     check_resources(cfg.resources, "resources")
+    workers = max([cfg.resources.num_workers,
+                   *(int(cfg.dataset_defs[d].resources.get("num_workers", 0)) for d in cfg.datasets)])
+    inject = cfg.train.inject
+    for section in [inject, *(inject.get("per_trial") or {}).values()]:
+        if section.get("rank", 0) >= workers:  # a fault for a rank no trial has would never fire
+            raise ConfigError(f"train.inject: rank {section['rank']} is not a rank of any trial "
+                              f"(resources.num_workers={workers}; ranks count from 0)")
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # no path separators, no leading '.', so no '..'
@@ -400,6 +412,7 @@ def check_model(m: ModelConfig, where: str) -> None:
 
 def check_train(t: TrainConfig, where: str) -> None:
     _check_bounds(t, "train", where)
+    check_inject(t.inject, f"{where}.inject")
     if t.micro_batch is not None and (t.micro_batch < 1 or t.batch_size % t.micro_batch):
         raise ConfigError(f"{where}.micro_batch={t.micro_batch}: must divide {where}.batch_size={t.batch_size}")
     if not 0.0 <= t.val_fraction < 1.0:
@@ -410,6 +423,21 @@ def check_train(t: TrainConfig, where: str) -> None:
     if a.gain_min > a.gain_max:
         raise ConfigError(f"{where}.augment.gain_min={a.gain_min} > {where}.augment.gain_max={a.gain_max}: "
                           f"the gain is drawn from [gain_min, gain_max]")
+
+
+def check_inject(inject: dict, where: str) -> None:
+    """Fault-injection keys (INJECT_KEYS), also inside per_trial; rank a non-negative integer."""
+    sections = [(where, inject)] + [(f"{where}.per_trial.{part}", faults)
+                                    for part, faults in (inject.get("per_trial") or {}).items()]
+    for name, section in sections:
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}={section!r}: expected a mapping of fault keys")
+        unknown = sorted(set(section) - set(INJECT_KEYS))
+        if unknown:
+            raise ConfigError(f"{name}: unknown key(s) {unknown}; valid: {', '.join(INJECT_KEYS)}")
+        rank = section.get("rank")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ConfigError(f"{name}.rank={rank!r}: expected a DDP rank, an integer >= 0")
 
 
 def check_resources(r: ResourceConfig, where: str) -> None:

@@ -29,7 +29,7 @@ def one_step(micro_batch: int | None, x, y, gen_seed: int = 7):
     torch.manual_seed(0)  # same initial weights for every setup
     setup = build(s, CLASSES, n_train=B, world_size=1)
     gen = torch.Generator().manual_seed(gen_seed)  # same augmentation + mixup draws
-    loss, correct = train_step(setup, s, x.clone(), y.clone(), gen, CLASSES, s.train.augment, global_step=0)
+    loss, correct, _ = train_step(setup, s, x.clone(), y.clone(), gen, CLASSES, s.train.augment, global_step=0)
     # train_step zeroes the gradients at its start, not its end: after it, .grad holds the step's
     grads = {n: p.grad.detach().clone() for n, p in setup.model.named_parameters()}
     return setup, loss, correct, grads
@@ -69,29 +69,27 @@ def _ddp_rank(rank: int, world: int, port: int, out: dict) -> None:
     import os
 
     import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         s = spec(micro_batch=2)  # 4 samples per rank: 2 micro-batches
-        torch.manual_seed(0)
-        setup = build(s, CLASSES, n_train=B, world_size=world)
-        calls = []
-
-        def counting_allreduce(state, bucket):  # the default hook's work, counted
-            calls.append(1)
-            tensor = bucket.buffer().div_(world)
-            return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
-
-        setup.model.register_comm_hook(None, counting_allreduce)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(B, TOKENS * 160, generator=g) * 0.1
         y = torch.randint(0, CLASSES, (B,), generator=g)
         half = slice(rank * B // world, (rank + 1) * B // world)
-        train_step(setup, s, x[half].clone(), y[half].clone(), torch.Generator().manual_seed(7 + rank), CLASSES,
-                   s.train.augment, global_step=0)
-        out[rank] = {"calls": len(calls), "grad": next(setup.model.parameters()).grad.clone()}
+        setups = {}
+        for w in (1, world):  # this rank's step alone (its local gradient), then the DDP step
+            torch.manual_seed(0)
+            setups[w] = build(s, CLASSES, n_train=B, world_size=w)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                train_step(setups[w], s, x[half].clone(), y[half].clone(), torch.Generator().manual_seed(7 + rank),
+                           CLASSES, s.train.augment, global_step=0)
+            calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("gloo:")}
+            out[(rank, w)] = {"calls": calls,
+                              "grads": [p.grad.clone() for p in setups[w].model.parameters() if p.grad is not None]}
     finally:
         dist.destroy_process_group()
 
@@ -106,6 +104,12 @@ def test_ddp_all_reduces_once_per_step_not_per_micro_batch():
         port = sock.getsockname()[1]
     out = mp.Manager().dict()
     mp.spawn(_ddp_rank, args=(2, port, out), nprocs=2, join=True)
-    # one bucket (a small model) reduced once per optimizer step: micro-batches accumulate locally
-    assert out[0]["calls"] == out[1]["calls"] == 1
-    assert torch.equal(out[0]["grad"], out[1]["grad"])  # and the ranks agree after the reduce
+    # alone: no collective at all; in DDP: the step's decision (helix_sweep.training.distributed.agree)
+    # and one all-reduce of every gradient, once per optimizer step: micro-batches accumulate locally
+    assert out[(0, 1)]["calls"] == out[(1, 1)]["calls"] == {}
+    assert out[(0, 2)]["calls"] == out[(1, 2)]["calls"] == {"gloo:all_reduce": 2}
+    # after it every rank holds the mean of the ranks' local gradients
+    for mine, other, alone0, alone1 in zip(out[(0, 2)]["grads"], out[(1, 2)]["grads"], out[(0, 1)]["grads"],
+                                           out[(1, 1)]["grads"]):
+        assert torch.equal(mine, other)
+        torch.testing.assert_close(mine, (alone0 + alone1) / 2, rtol=1e-5, atol=1e-8)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helix_sweep.config import ConfigError, load_config
 from helix_sweep.training.faults import Faults
 
 
@@ -30,3 +31,27 @@ def test_nan_from_step_and_step_lists(tmp_path):
     faults.before_step(2)  # no kill at a step the list does not name
     Faults().before_step(0)
     Faults().before_finish()
+
+
+def test_rank_selects_one_ddp_rank():
+    inject = {"nan_at_step": 3, "sleep_before_finish": 0.01, "rank": 1}
+    on_rank1, on_rank0 = Faults(inject, "a/b/c", rank=1), Faults(inject, "a/b/c", rank=0)
+    assert torch.isnan(on_rank1.loss(torch.tensor(1.0), 3))
+    assert not torch.isnan(on_rank0.loss(torch.tensor(1.0), 3)) and on_rank0.faults == {}  # every fault, not one kind
+    per_trial = Faults({"per_trial": {"helix": {"oom_at_step": 2, "rank": 1}}}, "synth/helix-mel/split", rank=0)
+    per_trial.before_micro_step(2)  # a trial's own faults can name their rank too
+    assert Faults({"nan_at_step": 3}, "a/b/c", rank=1).faults  # no rank: every rank
+
+
+@pytest.mark.parametrize("inject,needle", [
+    ("{nan_at_stp: 2}", "train.inject: unknown key(s) ['nan_at_stp']"),
+    ("{per_trial: {helix: {sleep: 1}}}", "train.inject.per_trial.helix: unknown key(s) ['sleep']"),
+    ("{rank: -1}", "train.inject.rank=-1: expected a DDP rank"),
+    ("{rank: one}", "train.inject.rank='one': expected a DDP rank"),
+    ("{rank: 1}", "rank 1 is not a rank of any trial (resources.num_workers=1"),
+])
+def test_inject_keys_are_checked_before_a_sweep(inject, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config([f"train.inject={inject}"])
+    assert needle in str(err.value)
+    load_config(["resources.num_workers=2", "train.inject={rank: 1, sleep_per_step: 0.1}"])  # valid

@@ -3,7 +3,8 @@
 train.inject keys: nan_at_step, nan_from_step (a non-finite loss), oom_at_step (a CUDA out-of-memory
 error), kill_at_step (a step or a list) + kill_marker (a path prefix: SIGKILL the worker once per
 step, marked by <prefix>.<step>), sleep_per_step and sleep_before_finish (seconds, after the final
-report); trial: only trials whose key contains it; per_trial: {key part: {fault: step}}.
+report); trial: only trials whose key contains it; per_trial: {key part: {fault: step}}; rank: only
+that DDP rank of a multi-worker trial (a slow rank, a NaN or a kill on one rank).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 
 class Faults:
-    def __init__(self, inject: Optional[dict] = None, key: str = ""):
+    def __init__(self, inject: Optional[dict] = None, key: str = "", rank: int = 0):
         inject = inject or {}
         shared = {} if inject.get("trial") and inject["trial"] not in key else inject
         own: dict = {}
@@ -26,6 +27,8 @@ class Faults:
                 for what, step in faults.items():
                     own.setdefault(what, step)
         self.faults = {**shared, **own}
+        if self.faults.get("rank") is not None and int(self.faults["rank"]) != rank:
+            self.faults = {}  # aimed at another rank
 
     def _get(self, what: str) -> Any:
         return self.faults.get(what)

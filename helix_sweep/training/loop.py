@@ -5,21 +5,21 @@ are in helix_sweep.training.reporting) loads the latest checkpoint, commits new 
 each epoch's result only together with a committed checkpoint, so a resumed trial never re-logs an
 epoch. The data order is a permutation seeded by (seed, epoch), so a resume only needs the epoch
 and the step within it; augmentation draws from one generator whose state is checkpointed. Test
-faults (train.inject) come in through helix_sweep.training.faults.
+faults (train.inject) come in through helix_sweep.training.faults. In a multi-worker (DDP) trial
+the ranks decide each step together and then average gradients (helix_sweep.training.distributed).
 
 Legend: B batch, T samples, C classes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from helix_sweep.data import open_task
 from helix_sweep.data.augment import augment_and_mix
 from helix_sweep.models import build_classifier_from, resolve_scan_impl
 from helix_sweep.training.checkpoint import Progress, rng_state, set_rng_state
+from helix_sweep.training.distributed import (
+    StepFlags, agree, all_gather_states, average_gradients, broadcast_parameters,
+)
 from helix_sweep.training.faults import Faults
 from helix_sweep.training.reporting import EpochResult, Reporter, TrialReport
 
@@ -58,6 +61,7 @@ class Setup:
     amp_dtype: Optional[torch.dtype]
     steps_per_epoch: int
     micro_batch: int
+    world_size: int = 1  # DDP ranks; 1 issues no collective (helix_sweep.training.distributed)
 
 
 def pick_device() -> torch.device:
@@ -127,9 +131,8 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     model = build_classifier_from(spec.model, spec.pattern, spec.frontend, num_classes,
                                   spec.pool_tokens).to(device)
     scan_impl(spec, device)  # an explicit scan_impl that cannot run here fails before the first step
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world_size > 1:  # gradients are averaged after each step's agreed decision (train_step), not by DDP
+        broadcast_parameters(model, world_size, device)
     t = spec.train
     per_rank_batch = t.batch_size // world_size
     if per_rank_batch < 1:
@@ -141,7 +144,7 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
         optimizer, T_max=t.epochs * steps_per_epoch, eta_min=t.min_lr)
     amp_dtype = amp_dtype_for(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    return Setup(model, optimizer, scheduler, scaler, device, amp_dtype, steps_per_epoch, micro)
+    return Setup(model, optimizer, scheduler, scaler, device, amp_dtype, steps_per_epoch, micro, world_size)
 
 
 def scan_impl(spec: TrialSpec, device: torch.device) -> str:
@@ -166,38 +169,59 @@ def _world(setup: Setup) -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class StepResult(NamedTuple):
+    loss_sum: float  # NaN when the step was skipped (a non-finite loss on some rank)
+    correct: float
+    checkpoint: bool  # the ranks agreed to write a mid-epoch checkpoint after this step
+
+
 def train_step(setup: Setup, spec: TrialSpec, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
                num_classes: int, aug: AugmentSettings, global_step: int,
-               faults: Faults = NO_FAULTS) -> tuple[float, float]:
-    """One optimizer step over a batch, in micro-batches; returns (loss sum, correct) or raises."""
+               faults: Faults = NO_FAULTS, checkpoint_at: float = math.inf) -> StepResult:
+    """One optimizer step over a batch, in micro-batches. What happens to it is decided once for all
+    ranks (helix_sweep.training.distributed.agree) between the backward passes and the optimizer:
+    skipped, checkpointed after it (some rank's clock passed checkpoint_at), or stopped with CUDA's
+    out-of-memory error raised on every rank."""
     model, opt, device = setup.model, setup.optimizer, setup.device
     x, target = augment_and_mix(x, y, aug, num_classes, gen)  # (B, T), soft target (B, C)
     x, y, target = x.to(device), y.to(device), target.to(device)
     opt.zero_grad(set_to_none=True)
     loss_sum, correct = 0.0, 0.0
+    nonfinite, oom = False, ""
     n = x.shape[0]
-    for start in range(0, n, setup.micro_batch):
-        xs, ts = x[start:start + setup.micro_batch], target[start:start + setup.micro_batch]
-        faults.before_micro_step(global_step)
-        # DDP all-reduces gradients in backward: only once per step, on the last micro-batch
-        last = start + setup.micro_batch >= n
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+    try:
+        for start in range(0, n, setup.micro_batch):
+            xs, ts = x[start:start + setup.micro_batch], target[start:start + setup.micro_batch]
+            faults.before_micro_step(global_step)
             with _autocast(device, setup.amp_dtype):
                 logits = model(xs)  # (b, C)
             loss = torch.sum(-ts * F.log_softmax(logits.float(), dim=-1), dim=-1).sum() / n  # mean over the batch
             loss = faults.loss(loss, global_step)
             if not torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                return float("nan"), 0.0
+                nonfinite = True
+                break
             setup.scaler.scale(loss).backward()
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(-1) == y[start:start + setup.micro_batch]).sum().item()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(-1) == y[start:start + setup.micro_batch]).sum().item()
+    except torch.cuda.OutOfMemoryError as exc:
+        oom = str(exc)  # the message only: the exception's frames would keep the step's tensors alive
+    agreed = agree(StepFlags(nonfinite, bool(oom), time.monotonic() >= checkpoint_at), setup.world_size, device)
+    if agreed.oom or agreed.nonfinite:
+        opt.zero_grad(set_to_none=True)
+        if agreed.oom:
+            raise torch.cuda.OutOfMemoryError(oom or _oom_elsewhere(setup))
+        return StepResult(float("nan"), 0.0, False)
+    average_gradients(model.parameters(), setup.world_size, device)
     setup.scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
     setup.scaler.step(opt)
     setup.scaler.update()
     setup.scheduler.step()
-    return loss_sum, correct
+    return StepResult(loss_sum, correct, agreed.checkpoint)
+
+
+def _oom_elsewhere(setup: Setup) -> str:
+    return f"CUDA out of memory on another of the {setup.world_size} ranks (its log has the details)"
 
 
 def run_training(spec: TrialSpec, reporter: Reporter) -> Progress:
@@ -228,7 +252,7 @@ def run_training(spec: TrialSpec, reporter: Reporter) -> Progress:
     if progress.status != "running":  # the final checkpoint exists: finish at once, idempotently
         reporter.finish(progress, trial)
         return progress
-    faults = Faults(t.inject, spec.key)
+    faults = Faults(t.inject, spec.key, rank)
     try:
         _train(spec, setup, task, gen, progress, reporter, faults)
     except TrialStopped as stop:
@@ -264,11 +288,7 @@ def _arch(spec: TrialSpec) -> dict:
 
 def _snapshot(spec: TrialSpec, setup: Setup, gen: torch.Generator, progress: Progress, world: int) -> dict:
     core = setup.model.module if hasattr(setup.model, "module") else setup.model
-    states = [gen.get_state()]
-    if world > 1:  # every rank's augmentation stream goes into rank 0's checkpoint
-        gathered = [torch.empty_like(states[0]) for _ in range(world)]
-        dist.all_gather(gathered, states[0])
-        states = gathered
+    states = all_gather_states(gen.get_state(), world, setup.device)  # every rank's stream, into rank 0's checkpoint
     return {
         "model": core.state_dict(), "optimizer": setup.optimizer.state_dict(),
         "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(),
@@ -290,8 +310,9 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
             i = progress.step_in_epoch
             x, y = task.train.get_batch(order[i * per_rank_batch:(i + 1) * per_rank_batch].tolist())
             faults.before_step(progress.global_step)
-            loss_sum, correct = train_step(setup, spec, x, y, gen, task.num_classes, t.augment, progress.global_step,
-                                           faults)
+            loss_sum, correct, checkpoint = train_step(setup, spec, x, y, gen, task.num_classes, t.augment,
+                                                       progress.global_step, faults,
+                                                       checkpoint_at=last_ckpt + 60.0 * t.checkpoint_minutes)
             progress.step_in_epoch += 1
             progress.global_step += 1
             if math.isnan(loss_sum):
@@ -306,14 +327,13 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
             progress.epoch_loss_sum += loss_sum
             progress.epoch_correct += correct
             progress.epoch_seen += x.shape[0]
-            if (time.monotonic() - last_ckpt) / 60.0 >= t.checkpoint_minutes \
-                    and progress.step_in_epoch < setup.steps_per_epoch:
+            if checkpoint and progress.step_in_epoch < setup.steps_per_epoch:  # decided by all ranks
                 progress.epoch_seconds += time.monotonic() - started
                 started = time.monotonic()
                 reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
                 last_ckpt = time.monotonic()
         progress.epoch_seconds += time.monotonic() - started
-        epoch = _end_epoch(spec, setup, task, progress)
+        epoch = _end_epoch_agreed(spec, setup, task, progress)
         if progress.epoch >= t.epochs:
             # the last epoch's report is the final one: a scheduler that stops trials at max_t
             # (ASHA) then stops a finished trial, never one between its last epoch and its end
@@ -323,6 +343,19 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
     if progress.status == "running":  # resumed with every epoch already done (epochs lowered)
         progress.status = "finished"
         reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
+
+
+def _end_epoch_agreed(spec, setup: Setup, task, progress: Progress) -> EpochResult:
+    """_end_epoch, with its out-of-memory error (evaluation runs whole batches) raised on every rank
+    or on none: a rank that stopped alone would leave the others in the checkpoint's collective."""
+    oom = ""
+    try:
+        epoch = _end_epoch(spec, setup, task, progress)
+    except torch.cuda.OutOfMemoryError as exc:
+        oom = str(exc)
+    if agree(StepFlags(oom=bool(oom)), setup.world_size, setup.device).oom:
+        raise torch.cuda.OutOfMemoryError(oom or _oom_elsewhere(setup))
+    return epoch
 
 
 def _end_epoch(spec, setup: Setup, task, progress: Progress) -> EpochResult:
