@@ -23,7 +23,7 @@ from data_fixtures import (
     set_mtime_later,
     write_audio,
 )
-from helix_sweep.data import DatasetNotPrepared, open_task
+from helix_sweep.data import DatasetNotPrepared, open_task, require_prepared
 from helix_sweep.data.audio import decode_file
 from helix_sweep.data.layouts import PrepareError
 from helix_sweep.data.prepare import prepare
@@ -131,6 +131,9 @@ def test_librispeech_subset_train_clean_360(tmp_path):
     with pytest.raises(DatasetNotPrepared, match="holds train-clean-360, the task asks for subset train-clean-100.*"
                                                  "--subset train-clean-100"):
         open_task(tmp_path / "root", "librispeech", clip_seconds=1.0)  # the catalog's default subset
+    with pytest.raises(DatasetNotPrepared, match="--subset train-clean-100"):  # the driver's check, before trials
+        require_prepared(tmp_path / "root", "librispeech")
+    assert require_prepared(tmp_path / "root", "librispeech", "train-clean-360") == ddir
     # the default subset rebuilds the same folder (another fingerprint); an unknown one is refused
     default = prepare("librispeech", src, tmp_path / "root", progress=False)
     assert json.loads((default / "prepared.json").read_text())["classes"] == ["19", "26"]

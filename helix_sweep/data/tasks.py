@@ -223,13 +223,26 @@ def _ensure_prepared(root: Path, dataset: str, spec: TaskSpec) -> Path:
     return ddir
 
 
-def require_prepared(data_root: str | Path, dataset: str) -> Path:
+def require_prepared(data_root: str | Path, dataset: str, subset: str | None = None) -> Path:
     """Fail fast (before any trial starts) if `dataset` cannot be opened under `data_root`.
 
-    Raises DatasetNotPrepared for a missing or half-prepared real dataset (naming the prepare command);
-    generates a synthetic one if needed. Returns the prepared folder.
+    Raises DatasetNotPrepared for a missing or half-prepared real dataset (naming the prepare command),
+    or one prepared from another source subset than `subset` (default: the catalog's); generates a
+    synthetic one if needed. Returns the prepared folder.
     """
-    return _ensure_prepared(Path(data_root), dataset, task_spec(dataset))
+    spec = task_spec(dataset)
+    ddir = _ensure_prepared(Path(data_root), dataset, spec)
+    if "subset" in spec.options:
+        _check_subset(ddir, dataset, spec, subset or spec.options["subset"], Path(data_root))
+    return ddir
+
+
+def _check_subset(ddir: Path, dataset: str, spec: TaskSpec, subset: str, root: Path) -> None:
+    """The prepared folder holds `subset` (data prepared before subsets were recorded: the default one)."""
+    held = json.loads((ddir / "prepared.json").read_text()).get("subset", REAL_DATASETS[spec.base].default_subset)
+    if held != subset:
+        raise DatasetNotPrepared(f"dataset {dataset!r}: {ddir} holds {held}, the task asks for subset {subset}. "
+                                 f"Run: {prepare_command(spec.base, root)} --subset {subset}")
 
 
 def _single(rows: np.ndarray, labels: np.ndarray, lengths: np.ndarray, clip_samples: int) -> Examples:
@@ -329,12 +342,8 @@ def open_task(data_root: str | Path, dataset: str, *, fold: int | None = None, s
     root = Path(data_root)
     ddir = _ensure_prepared(root, dataset, spec)
     prepared = json.loads((ddir / "prepared.json").read_text())
-    if "subset" in opts:  # prepared before subsets were recorded: the default one
-        held = prepared.get("subset", REAL_DATASETS[spec.base].default_subset)
-        if held != opts["subset"]:
-            raise DatasetNotPrepared(
-                f"dataset {dataset!r}: {ddir} holds {held}, the task asks for subset {opts['subset']}. "
-                f"Run: {prepare_command(spec.base, root)} --subset {opts['subset']}")
+    if "subset" in opts:
+        _check_subset(ddir, dataset, spec, opts["subset"], root)
     table = pq.read_table(ddir / "manifest.parquet")
     man = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     classes = list(prepared["classes"])

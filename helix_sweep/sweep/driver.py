@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def check_data(trials: list[TrialSpec]) -> None:
-    """Every dataset a trial reads is prepared (synthetic ones are generated here, once, so parallel
-    trials do not race to generate them)."""
+    """Every dataset a trial reads is prepared, from the source subset the trial names (synthetic ones
+    are generated here, once, so parallel trials do not race to generate them)."""
     from helix_sweep.training import DatasetNotPrepared, require_prepared
 
-    for root, dataset in sorted({(t.data_root, t.dataset) for t in trials if t.status == "run"}):
+    needed = {(t.data_root, t.dataset, t.task_options.get("subset") or "") for t in trials if t.status == "run"}
+    for root, dataset, subset in sorted(needed):
         try:
-            require_prepared(root, dataset)
+            require_prepared(root, dataset, subset or None)
         except DatasetNotPrepared as exc:
             raise ConfigError(str(exc)) from None
 
