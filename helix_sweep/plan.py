@@ -66,7 +66,8 @@ def _cli(argv: Sequence[str]) -> int:
     main([t for t in trials if t.status != "ruled_oom"], int(opts["gpus"]), float(opts["gpu_memory_gb"]),
          opts["attention_impl"])
     if ruled:
-        print(f"{len(ruled)} more ruled oom by the grid's ruled_oom rules (not run, not counted above): {', '.join(ruled)}")
+        print(f"{len(ruled)} more ruled oom by the grid's ruled_oom rules (not run, not counted above): "
+              f"{', '.join(ruled)}")
     return 0
 
 

@@ -249,6 +249,7 @@ def test_pool_k_is_the_first_clip_on_each_frontend():
 
 def test_librispeech_subset_sets_the_speaker_count():
     _, default = plan_trials(["grid=full", "datasets=[librispeech]"])
-    assert {(t.num_classes, t.task_options["subset"], t.train_clips) for t in default} == {(251, "train-clean-100", 9658)}
+    assert {(t.num_classes, t.task_options["subset"], t.train_clips) for t in default} == {
+        (251, "train-clean-100", 9658)}
     _, big = plan_trials(["grid=full", "datasets=[librispeech]", "dataset_defs.librispeech.options.subset=train-clean-360"])
     assert {(t.num_classes, t.task_options["subset"], t.train_clips) for t in big} == {(921, "train-clean-360", 34906)}

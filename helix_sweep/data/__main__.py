@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         done = json.loads(marker.read_text())
         subset = f" ({done['subset']})" if done.get("subset") else ""
-        print(f"{ddir}{subset}: {done['num_clips']} clips, {len(done['classes'])} classes, {len(done['shards'])} shards; "
+        print(f"{ddir}{subset}: {done['num_clips']} clips, {len(done['classes'])} classes, "
+              f"{len(done['shards'])} shards; "
               f"report counts {done['report_counts']}")  # fmt: skip
         return 0
     except (PrepareError, DownloadError, ValueError) as err:

@@ -145,7 +145,8 @@ def expand_grid(cfg: SweepConfig) -> list[TrialSpec]:
                 except ValueError as exc:  # e.g. a dataset without clips per epoch in the catalog
                     raise ConfigError(f"planning {trial.key}: {exc}") from None
                 kept_out = budget.planned_oom and not cfg.force_infeasible
-                trials.append(replace(trial, budget=budget, status=OUT_STATUS[budget.planned_oom] if kept_out else "run"))
+                status = OUT_STATUS[budget.planned_oom] if kept_out else "run"
+                trials.append(replace(trial, budget=budget, status=status))
     if not trials:
         raise ConfigError(f"grid {cfg.grid!r}: the narrowing leaves no trials (datasets={cfg.datasets}, "
                           f"variants={list(variants)}, folds={cfg.folds})")

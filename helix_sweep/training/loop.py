@@ -170,7 +170,8 @@ def trial_report(spec: TrialSpec, setup: Setup, task) -> TrialReport:
         tokens_per_clip=core.num_tokens(task.clip_samples), micro_batch=setup.micro_batch,
         grad_accum=(spec.train.batch_size // max(1, _world(setup))) // setup.micro_batch,
         steps_per_epoch=setup.steps_per_epoch, device=str(setup.device),
-        precision=next(name for name, dtype in AMP_DTYPES.items() if dtype == setup.amp_dtype), scan_impl=scan_impl(spec, setup.device),
+        precision=next(name for name, dtype in AMP_DTYPES.items() if dtype == setup.amp_dtype),
+        scan_impl=scan_impl(spec, setup.device),
         label_names=list(task.label_names), task=dict(task.info),
     )
 
