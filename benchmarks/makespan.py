@@ -77,7 +77,9 @@ def sweep_side() -> str:
     runnable = [(t, t.budget.micro_batch, t.budget.grad_accum) for t in specs if t.status == "run"]
     split = sorted({(t.dataset, t.variant, m, a, t.resources.num_workers)
                     for t, m, a in runnable if m < t.train.batch_size})  # DDP share or accumulation
-    lines = [f"- recorded as planned_oom without GPU time: {', '.join(oom)}"]
+    ruled = [f"{t.key} ({t.budget.oom_reason})" for t in specs if t.status == "ruled_oom"]
+    lines = [f"- recorded as planned_oom without GPU time: {', '.join(oom) or 'none'}"]
+    lines += [f"- recorded as ruled_oom (a grid rule) without GPU time: {', '.join(ruled)}"] if ruled else []
     lines += [f"- {d}/{v}: micro-batch {m} x {a} accumulation steps x {w} worker(s) = "
               f"{m * a * w} clips per optimizer step" for d, v, m, a, w in split]
     lines.append(f"- the other {len(runnable) - len(split)} runnable trials: the whole batch of 32 in one step")

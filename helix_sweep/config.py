@@ -62,14 +62,20 @@ INJECT_KEYS = ("nan_at_step", "nan_from_step", "oom_at_step", "kill_at_step", "k
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int = 100  # length of the cosine schedule (the protocol's 100)
+    # stop after this many epochs of that schedule (None: run all `epochs`); the paper's Concat Speech
+    # Commands runs stopped at epoch 24 of a 100-epoch schedule, the LR still near its peak
+    stop_after_epochs: Optional[int] = None
     batch_size: int = 32  # effective batch (the protocol's 32)
     micro_batch: Optional[int] = None  # per-step batch; batch_size / micro_batch accumulation steps
     lr: float = 3e-4
     min_lr: float = 1e-6  # cosine annealing floor
     weight_decay: float = 0.05  # not on A_log, D, biases, norms
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    # auto: on a GPU fp32 where the trial's plan fits one GPU in fp32 (whole batch, no accumulation),
+    # fp16 mixed precision only where memory needs it (the protocol's); fp32 on CPU. fp16 | bf16: mixed
+    # precision always (e.g. for speed); fp32: never
+    precision: str = "auto"
     seed: int = 0
     checkpoint_minutes: float = 15.0  # mid-epoch checkpoint interval (0: after every step)
     keep_checkpoints: int = 2  # newest kept, plus the best
@@ -82,6 +88,11 @@ class TrainConfig:
     # (helix_sweep.training.faults says what each does)
     inject: Dict[str, Any] = field(default_factory=dict)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+    @property
+    def stop_epoch(self) -> int:
+        """The epoch after which training stops: stop_after_epochs, else the whole schedule."""
+        return self.epochs if self.stop_after_epochs is None else self.stop_after_epochs
 
 
 @dataclass
@@ -106,9 +117,15 @@ class DatasetDef:
     num_classes: int = MISSING
     folds: Optional[List[int]] = None  # None: one official split
     synthetic: bool = False
-    pool_tokens: Optional[int] = None  # head pools the first K tokens; None = all
+    # what the head pools: all (every token) | first_clip (the tokens of the first of options.concat_n
+    # joined clips, on each frontend: helix_sweep.models.frontends.first_clip_tokens)
+    pool: str = "all"
+    pool_tokens: Optional[int] = None  # an explicit K on every frontend, overriding `pool`
     frontends: List[str] = field(default_factory=lambda: ["raw", "mel"])
     options: Dict[str, Any] = field(default_factory=dict)  # task options for data.open_task
+    # source subsets (options.subset picks one) -> the figures that differ between them: num_classes,
+    # train_clips, eval_clips (e.g. LibriSpeech train-clean-100: 251 speakers, train-clean-360: 921)
+    subsets: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     train: Dict[str, Any] = field(default_factory=dict)  # per-dataset train overrides
     model: Dict[str, Any] = field(default_factory=dict)  # per-dataset model overrides (e.g. attention_impl)
     resources: Dict[str, Any] = field(default_factory=dict)  # per-dataset resource overrides
@@ -147,7 +164,9 @@ class SweepConfig:
     frontends: List[str] = field(default_factory=lambda: ["raw", "mel"])  # for generated patterns
     # documented exceptions, each a dict of trial fields that must all match, e.g. {dataset: x, variant: y}
     exclude: List[Dict[str, Any]] = field(default_factory=list)
-    planned_oom: List[Dict[str, Any]] = field(default_factory=list)
+    # trials a grid keeps out although the plan may say they fit: each rule is trial fields plus a
+    # `reason:` (required); its trials are recorded with status ruled_oom and "grid rule: <reason>"
+    ruled_oom: List[Dict[str, Any]] = field(default_factory=list)
     workdir: str = "./helix_work"
     data_root: Optional[str] = None
     tracking_uri: Optional[str] = None
@@ -156,7 +175,7 @@ class SweepConfig:
     resume: Optional[str] = None
     max_concurrent_trials: Optional[int] = None
     max_failures: int = 3
-    force_infeasible: bool = False
+    force_infeasible: bool = False  # run planned_oom and ruled_oom trials instead of recording them
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
@@ -334,6 +353,12 @@ def check_config(cfg: SweepConfig) -> None:
             raise ConfigError(f"variant_defs.{name}.pattern={v.pattern!r}: use only M and A")
         if v.frontend not in ("raw", "mel"):
             raise ConfigError(f"variant_defs.{name}.frontend={v.frontend!r}: expected raw or mel")
+    for name, d in cfg.dataset_defs.items():
+        check_dataset(d, f"dataset_defs.{name}")
+    for i, rule in enumerate(cfg.ruled_oom):
+        if not str(rule.get("reason") or "").strip():
+            raise ConfigError(f"ruled_oom[{i}]={rule}: a rule that keeps trials out must say why (reason: ...); "
+                              f"the plan alone decides otherwise")
     for f in cfg.frontends:
         if f not in ("raw", "mel"):
             raise ConfigError(f"frontends: {f!r} is not a frontend; expected raw or mel")
@@ -372,7 +397,8 @@ RANGES = {
     "search.reduction_factor": (2, True),
     "model.d_model": (1, True), "model.d_state": (1, True), "model.d_conv": (1, True), "model.expand": (1, True),
     "model.num_heads": (1, True),
-    "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.min_lr": (0, True),
+    "train.epochs": (1, True), "train.stop_after_epochs": (1, True), "train.batch_size": (1, True),
+    "train.lr": (0, False), "train.min_lr": (0, True),
     "train.weight_decay": (0, True), "train.grad_clip": (0, False), "train.checkpoint_minutes": (0, True),
     "train.keep_checkpoints": (1, True), "train.max_nonfinite_steps": (1, True),
     "train.augment.time_shift_s": (0, True), "train.augment.gain_min": (0, True),
@@ -392,6 +418,8 @@ def _check_bounds(obj: Any, section: str, where: str) -> None:
         value = obj
         for part in (rest or key).split("."):
             value = getattr(value, part)
+        if value is None:  # an optional setting left unset
+            continue
         if value < low or (value == low and not inclusive):
             name = f"{where}.{rest}" if where else key
             raise ConfigError(f"{name}={value}: must be {'>=' if inclusive else '>'} {low}")
@@ -417,6 +445,9 @@ def check_train(t: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}.micro_batch={t.micro_batch}: must divide {where}.batch_size={t.batch_size}")
     if not 0.0 <= t.val_fraction < 1.0:
         raise ConfigError(f"{where}.val_fraction={t.val_fraction}: must be in [0, 1)")
+    if t.stop_after_epochs is not None and t.stop_after_epochs > t.epochs:
+        raise ConfigError(f"{where}.stop_after_epochs={t.stop_after_epochs}: must not exceed {where}.epochs={t.epochs} "
+                          f"(the schedule's length; training stops after stop_after_epochs of it)")
     if t.min_lr > t.lr:
         raise ConfigError(f"{where}.min_lr={t.min_lr}: must not exceed {where}.lr={t.lr}")
     a = t.augment
@@ -440,6 +471,27 @@ def check_inject(inject: dict, where: str) -> None:
             raise ConfigError(f"{name}.rank={rank!r}: expected a DDP rank, an integer >= 0")
 
 
+POOLS = ("all", "first_clip")
+
+
+def check_dataset(d: DatasetDef, where: str) -> None:
+    """A catalog entry's pooling and subsets (the rest is typed)."""
+    if d.pool not in POOLS:
+        raise ConfigError(f"{where}.pool={d.pool!r}: expected one of {', '.join(POOLS)}")
+    if d.pool == "first_clip" and int(d.options.get("concat_n", 0)) < 1:
+        raise ConfigError(f"{where}.pool=first_clip needs {where}.options.concat_n >= 1 (clips joined per example)")
+    if d.pool_tokens is not None and d.pool_tokens < 1:
+        raise ConfigError(f"{where}.pool_tokens={d.pool_tokens}: must be >= 1 (or null)")
+    subset = d.options.get("subset")
+    if d.subsets and subset not in d.subsets:
+        raise ConfigError(f"{where}.options.subset={subset!r}: expected one of {', '.join(d.subsets)}")
+    for name, figures in d.subsets.items():
+        unknown = set(figures) - {"num_classes", "train_clips", "eval_clips"}
+        if unknown:
+            raise ConfigError(f"{where}.subsets.{name}: unknown key(s) {sorted(unknown)}; "
+                              f"valid: num_classes, train_clips, eval_clips")
+
+
 def check_resources(r: ResourceConfig, where: str) -> None:
     _check_bounds(r, "resources", where)
 
@@ -459,14 +511,22 @@ class TrialBudget:
     """What the cost model (helix_sweep.training.budget) decides for a trial, once, when the grid is
     expanded; the trial table, the driver and the training loop read it."""
 
-    feasibility: str = "ok"  # ok | slow | oom on one GPU of resources.gpu_memory_gb (the study's Table 1)
+    feasibility: str = "ok"  # ok | slow | oom on one GPU of resources.gpu_memory_gb (the study's Table 1),
+    #                          under the trial's own model.attention_impl
+    # the same verdict under each attention implementation ({"naive": ..., "sdpa": ...}): what the
+    # paper's naive attention would give, and what SDPA changes
+    feasibility_by_impl: Dict[str, str] = field(default_factory=dict)
+    # train.precision resolved for a GPU: fp32 where the trial fits in fp32, else fp16 (auto), or the one
+    # set; "" when not planned. On CPU trials run fp32 whatever it says
+    precision: str = ""
     # clips per micro-step per worker on that GPU: train.micro_batch if set, else the largest that
     # fits; 1 when nothing fits (a forced infeasible trial). 0: not planned (a spec built by hand)
     micro_batch: int = 0
     grad_accum: int = 0  # micro-steps per optimizer step: micro_batch * grad_accum * workers = batch_size
-    planned_oom: str = ""  # who calls it infeasible: "plan" (one clip does not fit), "rule" (a grid's
-    #                        planned_oom rule) or ""; with force_infeasible the trial runs anyway
-    oom_reason: str = ""  # why, in words (the MLflow stop_reason of a planned_oom trial)
+    planned_oom: str = ""  # who keeps it out: "plan" (one clip does not fit: status planned_oom), "rule"
+    #                        (a grid's ruled_oom rule, the plan says it fits: status ruled_oom) or "";
+    #                        with force_infeasible the trial runs anyway
+    oom_reason: str = ""  # why, in words (the MLflow stop_reason of a planned_oom / ruled_oom trial)
 
 
 @dataclass
@@ -483,11 +543,11 @@ class TrialSpec:
     clip_seconds: float = MISSING
     num_classes: int = MISSING
     tokens: int = MISSING  # tokens per clip for this frontend
-    pool_tokens: Optional[int] = None
+    pool_tokens: Optional[int] = None  # the head pools the first K tokens (None: all)
     synthetic: bool = False
     train_clips: Optional[int] = None  # clips per epoch from the catalog, for the cost model
     eval_clips: Optional[int] = None
-    status: str = "run"  # run | planned_oom
+    status: str = "run"  # run | planned_oom (the plan predicts OOM) | ruled_oom (a grid rule keeps it out)
     data_root: str = MISSING
     task_options: Dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -62,7 +62,12 @@ def _cli(argv: Sequence[str]) -> int:
         trials = expand_grid(load_config([f"grid={opts['grid']}"]))
     except ConfigError as exc:
         raise SystemExit(f"plan: config error: {exc}") from None
-    main(trials, int(opts["gpus"]), float(opts["gpu_memory_gb"]), opts["attention_impl"])
+    ruled = [t.key for t in trials if t.status == "ruled_oom"]  # a grid rule keeps them out: not run, not costed
+    main([t for t in trials if t.status != "ruled_oom"], int(opts["gpus"]), float(opts["gpu_memory_gb"]),
+         opts["attention_impl"])
+    if ruled:
+        print(f"{len(ruled)} more ruled oom by the grid's ruled_oom rules (not run, not counted above): "
+              f"{', '.join(ruled)}")
     return 0
 
 

@@ -13,17 +13,21 @@ from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
 
 
 def trial_table(trials) -> str:
-    """One row per trial, from its budget: `scan` is model.scan_impl (what `auto` runs is decided on
-    the worker's device and logged as the run's scan_impl param); `plan` is its feasibility on one GPU of
-    resources.gpu_memory_gb and `micro x acc` the micro-batch x gradient accumulation it gets there
-    (on CPU: train.micro_batch, or the whole batch)."""
-    head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "scan", "workers",
-            "plan", "micro x acc", "status")
+    """One row per trial, from its budget: `epochs` the epochs trained (of the schedule's length when
+    train.stop_after_epochs truncates it); `scan` is model.scan_impl (what `auto` runs is decided on
+    the worker's device and logged as the run's scan_impl param); `gpu prec` the precision it trains in
+    on a GPU (train.precision, auto resolved by the plan; CPU trials run fp32); `plan` is its feasibility
+    on one GPU of resources.gpu_memory_gb under its attention_impl and `micro x acc` the micro-batch x
+    gradient accumulation it gets there (on CPU: train.micro_batch, or the whole batch)."""
+    head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "epochs", "scan",
+            "attn", "gpu prec", "workers", "plan", "micro x acc", "status")
     rows = [(t.key, t.variant, t.pattern, t.frontend, t.dataset, t.fold_label, str(t.tokens),
-             str(t.pool_tokens or "all"), t.model.scan_impl if "M" in t.pattern else "-",
-             f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
+             str(t.pool_tokens or "all"),
+             str(t.train.epochs) if t.train.stop_epoch == t.train.epochs else f"{t.train.stop_epoch}/{t.train.epochs}",
+             t.model.scan_impl if "M" in t.pattern else "-", t.model.attention_impl if "A" in t.pattern else "-",
+             t.budget.precision or t.train.precision, f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
              f"{t.budget.feasibility}@{t.resources.gpu_memory_gb:g}GB",
-             "-" if t.status == "planned_oom" else f"{t.budget.micro_batch} x {t.budget.grad_accum}", t.status)
+             "-" if t.status != "run" else f"{t.budget.micro_batch} x {t.budget.grad_accum}", t.status)
             for t in trials]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -49,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     print(to_yaml(cfg))
     print(trial_table(trials))
     n_run = sum(t.status == "run" for t in trials)
-    print(f"\n{len(trials)} trials ({n_run} to run, {len(trials) - n_run} planned oom) "
+    kept_out = {s: sum(t.status == s for t in trials) for s in ("planned_oom", "ruled_oom")}
+    print(f"\n{len(trials)} trials ({n_run} to run, {kept_out['planned_oom']} planned oom, "
+          f"{kept_out['ruled_oom']} ruled oom by the grid) "
           f"in experiment {trials[0].experiment}")
     if cfg.search.num_samples:
         print(f"search: {cfg.search.num_samples} Optuna (TPE, seed {cfg.search.seed}) samples of "

@@ -110,19 +110,22 @@ def make_speechcommands(root: Path, words=("yes", "no", "up"), speakers=("0a1b2c
     return base
 
 
-def make_librispeech(root: Path, speakers=(19, 26, 103), chapters=2, utterances=4, seconds=(1.0, 2.5)) -> Path:
-    """LibriSpeech/SPEAKERS.TXT + train-clean-100/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac + .trans.txt."""
+def make_librispeech(root: Path, speakers=(19, 26, 103), chapters=2, utterances=4, seconds=(1.0, 2.5),
+                     subsets: dict[str, tuple] | None = None) -> Path:
+    """LibriSpeech/SPEAKERS.TXT + <subset>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac + .trans.txt, as the
+    official archives unpack (several subsets share LibriSpeech/); subsets: {subset: speakers}, default
+    {"train-clean-100": speakers}."""
     base = Path(root) / "LibriSpeech"
     lines = [
         "; Some comments",
         ";ID  |SEX| SUBSET           |MINUTES| NAME",
     ]
     rng = np.random.default_rng(0)
-    for spk in speakers:
-        lines.append(f"{spk:<5}| F | train-clean-100  | 25.19 | Reader {spk}")
+    for subset, spk in ((sub, s) for sub, spks in (subsets or {"train-clean-100": speakers}).items() for s in spks):
+        lines.append(f"{spk:<5}| F | {subset:<16} | 25.19 | Reader {spk}")
         for c in range(chapters):
             chapter = 100 * spk + c
-            d = base / "train-clean-100" / str(spk) / str(chapter)
+            d = base / subset / str(spk) / str(chapter)
             trans = []
             for u in range(utterances):
                 utt = f"{spk}-{chapter}-{u:04d}"

@@ -81,14 +81,19 @@ def test_full_grid_exceptions():
     _, trials = plan_trials(["grid=full"])
     speaker = [t for t in trials if t.dataset in ("librispeech", "voxpopuli")]
     assert speaker and all(t.frontend == "raw" for t in speaker)
-    oom = [t.key for t in trials if t.status == "planned_oom"]
-    assert oom == ["voxpopuli/attention-raw/split"]  # HELIX at 300 s runs with SDPA (datasets.yaml)
+    # HELIX at 300 s runs with SDPA (datasets.yaml), and the plan says pure attention fits there too
+    # (slow): only the grid's rule keeps it out, as its own state with its own reason
+    assert [t.key for t in trials if t.status == "planned_oom"] == []
+    [ruled] = [t for t in trials if t.status == "ruled_oom"]
+    assert ruled.key == "voxpopuli/attention-raw/split" and ruled.budget.feasibility == "slow"
+    assert ruled.budget.oom_reason.startswith("grid rule: the paper's Table 1") and ruled.budget.planned_oom == "rule"
     assert {t.model.attention_impl for t in trials if t.dataset == "voxpopuli"} == {"sdpa"}
     assert {t.model.attention_impl for t in trials if t.dataset == "esc50"} == {"naive"}
-    # with naive attention forced from the command line the planner also rules HELIX out at 48 GB
+    # with naive attention forced from the command line the plan predicts OOM for both at 48 GB: planned_oom
     _, naive = plan_trials(["grid=full", "model.attention_impl=naive"])
     assert sorted(t.key for t in naive if t.status == "planned_oom") == [
         "voxpopuli/attention-raw/split", "voxpopuli/helix-raw/split"]
+    assert [t for t in naive if t.status == "ruled_oom"] == []
     assert next(t for t in trials if t.dataset == "voxpopuli").tokens == 30000
     assert {t.fold for t in trials if t.dataset == "urbansound8k"} == set(range(1, 11))
 
@@ -103,9 +108,18 @@ def test_narrowing_changes_the_experiment_name_and_is_stable():
 
 def test_overrides_compose_and_dataset_train_overrides_apply():
     cfg, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.lr=0.001"])
-    assert all(t.train.epochs == 24 and t.train.lr == 0.001 and t.pool_tokens == 100 for t in trials)
-    _, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.epochs=3"])
-    assert all(t.train.epochs == 3 for t in trials)  # the command line wins over the dataset's 24
+    # the paper's concat runs: a 100-epoch schedule stopped after epoch 24
+    assert all(t.train.epochs == 100 and t.train.stop_after_epochs == 24 and t.train.stop_epoch == 24
+               and t.train.lr == 0.001 for t in trials)
+    _, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.epochs=30"])
+    assert all(t.train.epochs == 30 and t.train.stop_epoch == 24 for t in trials)  # the command line wins
+    # a schedule shorter than the dataset's stop epoch is refused, naming the dataset and both keys
+    with pytest.raises(ConfigError, match=r"dataset_defs\.speechcommands-concat\.train\.stop_after_epochs=24: must "
+                                          r"not exceed dataset_defs\.speechcommands-concat\.train\.epochs=3"):
+        plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.epochs=3"])
+    _, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]", "train.epochs=3",
+                             "train.stop_after_epochs=2"])
+    assert {(t.train.epochs, t.train.stop_epoch) for t in trials} == {(3, 2)}
     assert load_config(["train.augment.mixup=false"]).train.augment.mixup is False
     with pytest.raises(ConfigError):
         load_config(["train.augment.mixupp=false"])
@@ -162,6 +176,11 @@ def run_cli_full(*args):
     (["train.augment.gain_min=1.3"], "train.augment.gain_min=1.3 > train.augment.gain_max=1.2"),
     (["model.num_heads=5"], "model.num_heads=5: must divide model.d_model=32"),
     (["datasets=[esc50"], "argument 'datasets=[esc50': cannot parse"),
+    (["train.stop_after_epochs=0"], "train.stop_after_epochs=0: must be >= 1"),
+    (["train.stop_after_epochs=7"], "train.stop_after_epochs=7: must not exceed train.epochs=6"),
+    (["grid=full", "ruled_oom=[{dataset: esc50}]"], "must say why (reason: ...)"),
+    (["dataset_defs.librispeech.options.subset=train-other-500"], "expected one of train-clean-100, train-clean-360"),
+    (["dataset_defs.esc50.pool=first_clip"], "needs dataset_defs.esc50.options.concat_n"),
     (["experiment=../x"], "must be a plain name"),
     (["experiment=/abs/x"], "must be a plain name"),
 ])
@@ -217,3 +236,34 @@ def test_a_datasets_own_sections_are_checked_like_the_sweeps(override, needle):
     with pytest.raises(ConfigError) as err:
         plan_trials([override, "datasets=[synth-commands]"])
     assert needle in str(err.value)
+
+
+def test_pool_k_is_the_first_clip_on_each_frontend():
+    """K = the tokens of the first joined clip, computed from the frontend (not typed in), unless overridden."""
+    from helix_sweep.models.frontends import MelFrontend, RawFrontend, first_clip_tokens
+
+    _, trials = plan_trials(["grid=full", "datasets=[speechcommands-concat]"])
+    k = {t.frontend: t.pool_tokens for t in trials}
+    one_second = 16000  # the first of 10 joined 1 s clips
+    assert k == {"raw": RawFrontend(8).num_tokens(one_second), "mel": MelFrontend(8).num_tokens(one_second)}
+    assert k == {"raw": 100, "mel": 16} == {f: first_clip_tokens(f, 1.0) for f in ("raw", "mel")}
+    assert {t.tokens for t in trials if t.frontend == "mel"} == {152}  # K covers 16 of the example's 152
+    # the other study datasets pool every token; an explicit pool_tokens overrides the first clip
+    _, esc = plan_trials(["grid=full", "datasets=[esc50]", "folds=[1]"])
+    assert {t.pool_tokens for t in esc} == {None}
+    _, fixed = plan_trials(["grid=full", "datasets=[speechcommands-concat]",
+                            "dataset_defs.speechcommands-concat.pool_tokens=50"])
+    assert {t.pool_tokens for t in fixed} == {50}
+    # synth-concat: first clip 0.5 s (raw 50, mel 8); grid=smoke keeps its measured K=50 on both (smoke.yaml)
+    _, synth = plan_trials(["grid=smoke-large", "datasets=[synth-concat]", "dataset_defs.synth-concat.pool_tokens=null"])
+    assert {t.frontend: t.pool_tokens for t in synth} == {"raw": 50, "mel": 8}
+    _, smoke = plan_trials(["grid=smoke"])
+    assert {t.pool_tokens for t in smoke} == {50}
+
+
+def test_librispeech_subset_sets_the_speaker_count():
+    _, default = plan_trials(["grid=full", "datasets=[librispeech]"])
+    assert {(t.num_classes, t.task_options["subset"], t.train_clips) for t in default} == {
+        (251, "train-clean-100", 9658)}
+    _, big = plan_trials(["grid=full", "datasets=[librispeech]", "dataset_defs.librispeech.options.subset=train-clean-360"])
+    assert {(t.num_classes, t.task_options["subset"], t.train_clips) for t in big} == {(921, "train-clean-360", 34906)}

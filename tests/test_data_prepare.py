@@ -23,6 +23,7 @@ from data_fixtures import (
     set_mtime_later,
     write_audio,
 )
+from helix_sweep.data import DatasetNotPrepared, open_task, require_prepared
 from helix_sweep.data.audio import decode_file
 from helix_sweep.data.layouts import PrepareError
 from helix_sweep.data.prepare import prepare
@@ -109,6 +110,49 @@ def test_librispeech_speakers(tmp_path):
     for r in rows:
         assert r["speaker"] == r["label_name"] == r["clip_id"].split("-")[0]
         assert r["source"].startswith("train-clean-100/") and r["source"].endswith(".flac")
+
+
+def test_librispeech_subset_train_clean_360(tmp_path):
+    """--subset picks the subset (default train-clean-100); prepared.json records it and open_task refuses
+    data of another subset than the catalog's options.subset, naming the prepare command."""
+    from helix_sweep.data.__main__ import main as data_main
+
+    src = make_librispeech(tmp_path / "src", chapters=1, utterances=3,
+                           subsets={"train-clean-100": (19, 26), "train-clean-360": (103, 200, 311)})
+    assert data_main(["prepare", "librispeech", "--subset", "train-clean-360", "--source", str(src),
+                      "--root", str(tmp_path / "root")]) == 0
+    ddir = tmp_path / "root" / "librispeech"
+    done = json.loads((ddir / "prepared.json").read_text())
+    assert done["subset"] == "train-clean-360" and done["classes"] == ["103", "200", "311"]
+    rows = manifest(ddir)
+    assert len(rows) == 3 * 3 and all(r["source"].startswith("train-clean-360/") for r in rows)
+    task = open_task(tmp_path / "root", "librispeech", clip_seconds=1.0, subset="train-clean-360")
+    assert task.num_classes == 3
+    with pytest.raises(DatasetNotPrepared, match="holds train-clean-360, the task asks for subset train-clean-100.*"
+                                                 "--subset train-clean-100"):
+        open_task(tmp_path / "root", "librispeech", clip_seconds=1.0)  # the catalog's default subset
+    with pytest.raises(DatasetNotPrepared, match="--subset train-clean-100"):  # the driver's check, before trials
+        require_prepared(tmp_path / "root", "librispeech")
+    assert require_prepared(tmp_path / "root", "librispeech", "train-clean-360") == ddir
+    # the default subset rebuilds the same folder (another fingerprint); an unknown one is refused
+    default = prepare("librispeech", src, tmp_path / "root", progress=False)
+    assert json.loads((default / "prepared.json").read_text())["classes"] == ["19", "26"]
+    with pytest.raises(PrepareError, match="subset='train-other-500'; valid: one of train-clean-100, train-clean-360"):
+        prepare("librispeech", src, tmp_path / "root", subset="train-other-500", progress=False)
+    with pytest.raises(PrepareError, match="none"):
+        prepare("esc50", src, tmp_path / "root", subset="train-clean-360", progress=False)
+
+
+def test_subsets_agree_with_the_catalog():
+    """Every subset prepare can read has the catalog's speaker count (search_spaces/datasets.yaml)."""
+    from helix_sweep.config import dataset_catalog
+    from helix_sweep.data.layouts import REAL_DATASETS
+
+    entry = dataset_catalog()["librispeech"]
+    assert list(entry.subsets) == list(REAL_DATASETS["librispeech"].subsets)
+    assert {k: v["num_classes"] for k, v in entry.subsets.items()} == {"train-clean-100": 251, "train-clean-360": 921}
+    assert entry.options["subset"] == REAL_DATASETS["librispeech"].default_subset == "train-clean-100"
+    assert REAL_DATASETS["librispeech"].official("train-clean-360")[0].endswith("/train-clean-360.tar.gz")
 
 
 def test_voxpopuli_speakers_and_rows_without_speaker(tmp_path):

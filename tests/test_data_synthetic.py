@@ -28,7 +28,9 @@ def test_structure(root):
     assert (len(cmd.train), len(cmd.val), len(cmd.test), cmd.clip_samples) == (600, 60, 180, 8000)
     assert np.bincount(cmd.train.labels).tolist() == [100] * 6
     cat = open_task(root, "synth-concat")
-    assert cat.clip_samples == 2 * 8000 and cat.pool_tokens == 50 and list(cat.test.labels) == list(cmd.test.labels)
+    assert cat.clip_samples == 2 * 8000 and list(cat.test.labels) == list(cmd.test.labels)
+    # the head's K per frontend is the grid's (the first clip); the task records the first clip's samples
+    assert cat.first_clip_samples == cat.info["first_clip_samples"] == 8000 and cat.pool_tokens is None
     assert open_task(root, "synth-concat", concat_n=3, pool_tokens=25).info["pool_tokens"] == 25
     spk = open_task(root, "synth-speaker")
     assert spk.clip_samples == 16000 and spk.num_classes == 6
@@ -79,10 +81,10 @@ def _ridge_accuracy(train, test, num_classes, lam=1.0):
 MEL = torchaudio.transforms.MelSpectrogram(16000, n_fft=1024, hop_length=256, n_mels=32)
 
 
-def _features(cs, kind, chunks=8, pool_tokens=None):
+def _features(cs, kind, chunks=8, first_samples=None):
     x, y = cs.get_batch(range(len(cs)))
-    if pool_tokens:  # like the model's head: only the first K raw tokens (160 samples each) count
-        x = x[:, : pool_tokens * 160]
+    if first_samples:  # like the model's head on a concat task: only the first clip counts
+        x = x[:, :first_samples]
     if kind == "loudness":
         rms = x.pow(2).mean(1).sqrt().log()
         return torch.stack([rms, rms**2], 1).numpy(), y.numpy()
@@ -97,8 +99,8 @@ def test_learnable_but_not_by_loudness(root, dataset, fold):
     """A linear classifier on time-chunked log-mel beats 2x chance; loudness alone does not."""
     task = open_task(root, dataset, fold=fold)
     chance = 1 / task.num_classes
-    k = task.pool_tokens
-    acc = _ridge_accuracy(_features(task.train, "mel-chunks", pool_tokens=k), _features(task.test, "mel-chunks", pool_tokens=k), task.num_classes)
+    k = task.first_clip_samples
+    acc = _ridge_accuracy(_features(task.train, "mel-chunks", first_samples=k), _features(task.test, "mel-chunks", first_samples=k), task.num_classes)
     loud = _ridge_accuracy(_features(task.train, "loudness"), _features(task.test, "loudness"), task.num_classes)
     assert acc > 2.5 * chance, acc
     assert loud < 2 * chance, loud

@@ -99,7 +99,8 @@ def test_speechcommands_official_splits(root):
 def test_speechcommands_concat(root):
     task = open_task(root[0], "speechcommands-concat", seed=5, concat_n=4)
     plain = open_task(root[0], "speechcommands")
-    assert task.clip_samples == 4 * 16000 and task.pool_tokens == 100 and task.info["pool_tokens"] == 100
+    assert task.clip_samples == 4 * 16000 and task.first_clip_samples == task.info["first_clip_samples"] == 16000
+    assert task.pool_tokens is None  # K per frontend comes from the grid (pool: first_clip), not from the data
     assert list(task.train.labels) == list(plain.train.labels)  # label of the FIRST clip
     x, y = task.train.get_batch([0, 1])
     first, _ = plain.train.get_batch([0, 1])
@@ -112,7 +113,7 @@ def test_speechcommands_concat(root):
     assert torch.equal(again.train.get_batch([3])[0], task.train.get_batch([3])[0])
     assert task.info["composition_sha256"] == again.info["composition_sha256"] != other.info["composition_sha256"]
     side = json.loads(open(task.info["construction"]).read())
-    assert side["options"]["concat_n"] == 4 and side["seed"] == 5 and side["options"]["pool_tokens"] == 100
+    assert side["options"]["concat_n"] == 4 and side["seed"] == 5 and side["options"]["pool_tokens"] is None
     assert open_task(root[0], "speechcommands-concat").clip_samples == 10 * 16000
 
 

@@ -143,7 +143,7 @@ def test_feasibility_table(tables):
     rows = {r[0]: dict(zip(t.header, r)) for r in t.rows}
     assert list(rows) == ["synth-commands", "esc50", "synth-textures", "synth-concat", "synth-speaker"]  # by length
     assert rows["synth-speaker"]["attention-raw"].startswith("OOM")
-    assert rows["synth-speaker"]["tokens/clip (raw / mel)"] == "3,000 / 184"
+    assert rows["synth-speaker"]["tokens (raw / mel)"] == "3,000 / 184"
     assert rows["synth-concat"]["attention-raw"] == "planned OOM"
     assert rows["synth-textures"]["attention-raw"].startswith("done 4/5, diverged 1/5")
     assert "(2.5× Mamba)" in rows["synth-commands"]["attention-raw"]  # 5.0 s vs 2.0 s per epoch

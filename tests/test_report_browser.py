@@ -122,5 +122,13 @@ def test_paper_report_fits_a_laptop_page(browser, mlflow_server, tmp_path, shots
     boxes = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.getBoundingClientRect().right)")
     assert len(boxes) >= 12 and max(boxes) <= width, boxes
     page.screenshot(path=str(shots / "report_paper_1280.png"), full_page=True)
+    # a smaller laptop: Table 1's cells break into lines (and its headers wrap), still no horizontal scrolling
+    page.set_viewport_size({"width": 1024, "height": 900})
+    width = page.evaluate("document.documentElement.clientWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    feasibility = page.locator("section#feasibility table").bounding_box()
+    assert feasibility["x"] + feasibility["width"] <= width, (feasibility, width)
+    assert "ruled OOM" in page.locator("section#feasibility").inner_text()
+    page.locator("section#feasibility").screenshot(path=str(shots / "table1_1024.png"))
     page.close()
     assert (shots / "report_paper_1280.png").stat().st_size > 10_000

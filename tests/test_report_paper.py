@@ -37,21 +37,40 @@ def _curve(seed: int) -> list[float]:
     return [float(a) for a in acc]
 
 
+def grid_full_specs() -> dict[tuple[str, str, str], object]:
+    """grid=full's trials of the paper sweep's datasets (folds 1-2) by (dataset, variant, fold): their plan
+    (status, reason and the plan's params) is what the sweep logs."""
+    from helix_sweep.run import plan_trials
+
+    _, trials = plan_trials(["grid=full", f"datasets=[{','.join(FOLDS)}]", "folds=[1,2]"])
+    return {(t.dataset, t.variant, t.fold_label): t for t in trials}
+
+
 def log_paper_sweep(client, eid: str) -> dict[tuple[str, str, str], list[float]]:
-    """Every trial finished except pure attention at 300 s (OOM); attention 2.5x slower than Mamba per epoch.
-    Returns the test-accuracy curve of each finished trial by (dataset, variant, fold)."""
+    """Every trial finished except pure attention at 300 s, which grid=full's rule keeps out (ruled_oom, with
+    the rule's reason); attention 2.5x slower than Mamba per epoch; every trial grid=full plans carries the
+    plan's params (plan.feasibility.*). Returns the test-accuracy curve of each finished trial by
+    (dataset, variant, fold)."""
+    from helix_sweep.sweep import schema as S
+
+    specs = grid_full_specs()
     accs = {}
     for k, (dataset, folds) in enumerate(FOLDS.items()):
         for j, v in enumerate(VARIANTS):
             parent = get_or_create_parent_run(client, eid, dataset, v, folds=folds)
             tokens = TOKENS[dataset][0 if v.endswith("-raw") else 1]
             for i, f in enumerate(folds):
-                oom = dataset == "voxpopuli" and v == "attention-raw"
-                acc = [0.1] if oom else _curve(100 * k + 10 * j + i)
+                spec = specs.get((dataset, v, f))
+                status = spec.status if spec is not None and spec.status != "run" else "finished"
+                plan = {key: str(value) for key, value in S.trial_params(spec).items() if key.startswith("plan.")} \
+                    if spec is not None else {}
+                acc = [] if status != "finished" else _curve(100 * k + 10 * j + i)
                 secs = 5.0 if v.startswith("attention") else 2.0
-                log_trial(client, eid, parent, dataset, v, f, "oom" if oom else "finished", acc, tokens=tokens,
-                          epoch_seconds=secs, params={"attention_impl": "sdpa"})
-                if not oom:
+                run_id = log_trial(client, eid, parent, dataset, v, f, status, acc, tokens=tokens,
+                                   epoch_seconds=secs, params={"attention_impl": "sdpa", **plan})
+                if status != "finished":
+                    client.set_tag(run_id, S.STOP_REASON, spec.budget.oom_reason)
+                else:
                     accs[(dataset, v, f)] = acc
             update_parent_aggregates(client, eid, dataset, v)
     return accs
@@ -91,7 +110,8 @@ def test_final_acc_is_the_last_epochs_test_accuracy(finished, tables):
         for v in VARIANTS:
             acc = accs.get((dataset, v, "split"))
             if acc is None:
-                assert t.column("best test")[v] == "OOM" and t.column("final test")[v] == ""
+                assert (dataset, v) == ("voxpopuli", "attention-raw")
+                assert t.column("best test")[v] == "ruled OOM" and t.column("final test")[v] == ""
                 continue
             assert t.column("final test")[v] == pct(acc[-1]), (name, v)
             assert t.column("best test")[v] == pct(max(acc))
@@ -113,13 +133,24 @@ def test_table1_categories_and_attention_sentence(tables):
     cells = {(r["dataset"], r["variant"]): r for r in t.records}
     assert cells[("esc50", "attention-raw")]["category"] == "slow"  # 5.0 s vs 2.0 s per epoch
     assert cells[("esc50", "helix-raw")]["category"] == "ok"
-    assert cells[("voxpopuli", "attention-raw")]["category"] == "oom" == cells[("voxpopuli", "attention-raw")]["paper"]
+    # pure attention at 300 s: kept out by grid=full's rule, not by the plan (which says slow under SDPA)
+    vox = cells[("voxpopuli", "attention-raw")]
+    assert vox["category"] == "ruled" and vox["paper"] == "oom" and vox["plan"] == {"own": "slow", "naive": "oom",
+                                                                                       "sdpa": "slow"}
+    assert t.column("attention-raw")["voxpopuli"] == "ruled OOM · plan: slow"
     assert t.column("attention-raw")["esc50"].startswith("slow · 5.0 s/ep · (2.5× Mamba)")
-    sentence = t.notes[-1]
-    assert "attention ran as sdpa" in sentence
-    assert "esc50 attention-raw slow (paper ok)" in sentence and "voxpopuli" not in sentence
+    assert any(n.startswith("ruled OOM (voxpopuli attention-raw): grid rule: the paper's Table 1") for n in t.notes)
+    attention, plan = t.notes[-2:]
+    assert "attention ran as sdpa" in attention
+    assert "esc50 attention-raw slow (paper ok)" in attention and "voxpopuli" not in attention  # ruled: not compared
+    # one sentence under the table: the plan with the paper's naive attention, and what SDPA changes
+    assert plan == ("The plan (one GPU, the runs' gpu_memory_gb) with the paper's naive attention: it matches the "
+                    "paper's Table 1 in 5 of 6 cells, not in voxpopuli helix-raw oom (paper ok); with SDPA "
+                    "voxpopuli helix-raw oom → ok; voxpopuli attention-raw oom → slow.")
     html = t.to_html()
     assert "<table class=wrap>" in html and "slow<br>5.0 s/ep" in html  # cells break into lines
+    assert "ruled OOM<br>plan: slow" in html and 'class="ruled"' in html
+    assert "slow<br>5.0 s/ep" in t.to_markdown()  # and in Markdown too
 
 
 def test_figure1_one_point_per_regime_ordered_by_length(finished, sweep):
@@ -199,3 +230,27 @@ def test_dashboards_readme_maps_every_table_and_figure_to_a_written_file(sweep, 
     root = write_report(sweep, tmp_path).parent
     for what, rel in mapping.items():
         assert (root / rel).is_file(), (what, rel)
+
+
+def test_speaker_and_concat_tables_say_what_the_runs_were():
+    """LibriSpeech's table says the paper's 921 speakers are train-clean-360's and which subset the runs
+    used; a truncated schedule is named (in-memory runs, no MLflow)."""
+    from helix_sweep.report.results import Cell, Sweep, Trial
+    from helix_sweep.report.tables import single_table
+
+    def trial(dataset, params):
+        t = Trial("r-" + dataset, f"{dataset}/helix-raw/split", dataset, "helix-raw", "split", "finished",
+                  {"tokens_per_clip": "3000", **params}, {"best_test_acc": 0.5, "test_acc": 0.4},
+                  {"test_acc": [(1, 0.5), (2, 0.4)]})
+        return t
+    trials = [trial("librispeech", {"task.subset": "train-clean-360", "num_classes": "921"}),
+              trial("speechcommands-concat", {"epochs": "100", "stop_after_epochs": "24"})]
+    cells = {(t.dataset, t.variant): Cell(t.dataset, t.variant, ["split"], {"split": t}) for t in trials}
+    sweep = Sweep("s", "0", "file:///x", [t.dataset for t in trials], ["helix-raw"], cells, trials)
+    libri = single_table(sweep, "librispeech")
+    assert any("921 is train-clean-360's speaker count" in n and n.endswith("these runs: train-clean-360, 921 classes.")
+               for n in libri.notes), libri.notes
+    concat = single_table(sweep, "speechcommands-concat")
+    assert "schedule: a 100-epoch cosine LR schedule stopped after epoch 24 (train.stop_after_epochs): epochs " \
+           "reached counts the epochs trained." in concat.notes
+    assert concat.column("final test")["helix-raw"] == "40.00"  # Final Acc: the last epoch's test accuracy

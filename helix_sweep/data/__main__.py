@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=positive_int, default=1, help="decoding processes")
     p.add_argument("--checksum", help="expected 'sha256:<hex>' or 'md5:<hex>' of the archive")
     p.add_argument("--shard-clips", type=positive_int, help="clips per shard (default: about 64 MB per shard)")
+    p.add_argument("--subset", help="part of a source with subsets: " + "; ".join(
+        f"{name}: {', '.join(spec.subsets)} (default {spec.default_subset})"
+        for name, spec in REAL_DATASETS.items() if spec.subsets))
     s = sub.add_parser("synth", help="generate a built-in synthetic dataset now (open_task does it on first use)")
     s.add_argument("name", choices=("synth-textures", "synth-commands", "synth-speaker"))
     s.add_argument("--root", required=True)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             from .prepare import prepare
 
             ddir = prepare(args.dataset, args.source, args.root, on_error=args.on_error, workers=args.workers,
-                           checksum=args.checksum, shard_clips=args.shard_clips)  # fmt: skip
+                           checksum=args.checksum, shard_clips=args.shard_clips, subset=args.subset)  # fmt: skip
         elif args.command == "synth":
             from .synthetic import ensure_synthetic
 
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.dataset}: not prepared under {args.root}", file=sys.stderr)
             return 1
         done = json.loads(marker.read_text())
-        print(f"{ddir}: {done['num_clips']} clips, {len(done['classes'])} classes, {len(done['shards'])} shards; "
+        subset = f" ({done['subset']})" if done.get("subset") else ""
+        print(f"{ddir}{subset}: {done['num_clips']} clips, {len(done['classes'])} classes, "
+              f"{len(done['shards'])} shards; "
               f"report counts {done['report_counts']}")  # fmt: skip
         return 0
     except (PrepareError, DownloadError, ValueError) as err:

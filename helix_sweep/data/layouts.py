@@ -229,6 +229,9 @@ def _speakers_txt(path: Path) -> dict[str, str]:
 
 
 def read_librispeech(source: Path, problems: Problems, subset: str = "train-clean-100") -> Listing:
+    """One subset's speakers (the classes, from SPEAKERS.TXT's SUBSET column) and utterances: the
+    <subset>/<speaker>/<chapter>/ folder next to SPEAKERS.TXT (the official archives unpack into one
+    LibriSpeech/ folder, so several subsets can share it)."""
     root = find_root(source, "SPEAKERS.TXT", "LibriSpeech")
     subsets = _speakers_txt(root / "SPEAKERS.TXT")
     audio_root = root / subset
@@ -292,10 +295,23 @@ def read_voxpopuli(source: Path, problems: Problems, lang: str = "en") -> Listin
 @dataclass(frozen=True)
 class RealDataset:
     name: str
-    read: Callable[[Path, Problems], Listing]
+    read: Callable[..., Listing]  # (source, problems[, subset=]) -> Listing
     clip_seconds: float | None  # nominal clip length (pad/crop target), None for utterances
-    url: str | None  # official archive
-    checksum: str | None  # "sha256:<hex>" or "md5:<hex>" of that archive
+    url: str | None  # official archive; "{subset}" in it is the subset's name
+    checksum: str | None  # "sha256:<hex>" or "md5:<hex>" of that archive (per subset: `subsets`)
+    # source subsets the reader can list -> the checksum of each one's official archive (None: not pinned);
+    # the first is the default. Their speaker counts are the study's: search_spaces/datasets.yaml `subsets`
+    subsets: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def default_subset(self) -> str | None:
+        return next(iter(self.subsets), None)
+
+    def official(self, subset: str | None) -> tuple[str | None, str | None]:
+        """(url, checksum) of the official archive (of `subset`)."""
+        if self.url is None or not self.subsets:
+            return self.url, self.checksum
+        return self.url.format(subset=subset), self.subsets[subset]
 
 
 REAL_DATASETS = {
@@ -313,8 +329,11 @@ REAL_DATASETS = {
         "sha256:af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58",
     ),
     "librispeech": RealDataset(
-        "librispeech", read_librispeech, None, "https://www.openslr.org/resources/12/train-clean-100.tar.gz",
-        "sha256:d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2",
+        "librispeech", read_librispeech, None, "https://www.openslr.org/resources/12/{subset}.tar.gz", None,
+        subsets={
+            "train-clean-100": "sha256:d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2",
+            "train-clean-360": None,  # not pinned here: the download logs its sha256 (pass --checksum to check it)
+        },
     ),
     # VoxPopuli has no single archive: its get_asr_data script segments the raw sessions; pass that
     # output directory (or an archive/URL of it with --checksum).

@@ -235,17 +235,19 @@ def source_fingerprint(root: Path, files: Sequence[str], options: dict) -> str:
     return h.hexdigest()
 
 
-def resolve_source(dataset: str, source: str | Path, ddir: Path, checksum: str | None, progress: bool) -> Path:
+def resolve_source(dataset: str, source: str | Path, ddir: Path, checksum: str | None, progress: bool,
+                   subset: str | None = None) -> Path:
     """A directory is used as is; an archive is unpacked into <ddir>/source; a URL is downloaded first."""
     spec = REAL_DATASETS[dataset]
+    url, url_checksum = spec.official(subset)
     text = str(source)
     if text == "official":
-        if spec.url is None:
+        if url is None:
             raise PrepareError(f"{dataset} has no official archive to download; pass the directory made by its own tools")
-        text = spec.url
+        text = url
     if text.startswith(("http://", "https://")):
         name = Path(urllib.parse.urlparse(text).path).name or f"{dataset}-source"
-        known = spec.checksum if text == spec.url else None
+        known = url_checksum if text == url else None
         archive = download(text, ddir / "download" / name, checksum or known, progress=progress)
         return unpack(archive, ddir / "source")
     path = Path(source)
@@ -276,28 +278,51 @@ def prepare(
     checksum: str | None = None,
     shard_clips: int | None = None,
     progress: bool = True,
+    subset: str | None = None,
 ) -> Path:
     """Prepare a real dataset into `<root>/<dataset>`; returns that folder.
 
     on_error="raise" (default) stops at the first bad file or row with its path and the reason;
     on_error="skip" leaves it out and lists it with the reason in prepare_report.json.
+    subset: which part of a source with subsets (LibriSpeech: train-clean-100, the default, or
+    train-clean-360); recorded in prepared.json; preparing another subset rebuilds the folder.
     """
     if dataset not in REAL_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; prepare knows {sorted(REAL_DATASETS)}")
     spec = REAL_DATASETS[dataset]
+    if subset is not None and subset not in spec.subsets:
+        valid = f"one of {', '.join(spec.subsets)}" if spec.subsets else "none (it has no subsets)"
+        raise PrepareError(f"{dataset}: subset={subset!r}; valid: {valid}")
+    subset = subset or spec.default_subset
     ddir = Path(root) / dataset
     ddir.mkdir(parents=True, exist_ok=True)
-    src = resolve_source(dataset, source, ddir, checksum, progress)
+    src = resolve_source(dataset, source, ddir, checksum, progress, subset)
     problems = Problems(on_error)
-    listing = spec.read(Path(src), problems)
+    listing = spec.read(Path(src), problems, subset=subset) if subset else spec.read(Path(src), problems)
     if not listing.clips:
-        raise PrepareError(f"{src}: no {dataset} clips found")
+        raise PrepareError(f"{src}: no {dataset} clips found" + (f" in subset {subset}" if subset else ""))
     files = [c.source for c in listing.clips] + listing.metadata_files
-    fingerprint = source_fingerprint(listing.root, files, {"dataset": dataset, "on_error": on_error})
+    options = {"dataset": dataset, "on_error": on_error, **({"subset": subset} if subset else {})}
+    fingerprint = source_fingerprint(listing.root, files, options)
     jobs = [str(listing.root / c.source) for c in listing.clips]
+    if subset:
+        _note_class_count(dataset, subset, len(listing.classes))
     return build(
         ddir, dataset, listing.classes, listing.clips, _decode_job, jobs, fingerprint,
         problems.skipped + listing.notes, on_error=on_error, clip_seconds=spec.clip_seconds,
         workers=workers, shard_clips=shard_clips, progress=progress,
-        extra={"source": str(listing.root)},
+        extra={"source": str(listing.root), **({"subset": subset} if subset else {})},
     )  # fmt: skip
+
+
+def _note_class_count(dataset: str, subset: str, found: int) -> None:
+    """Log the classes found beside the catalog's count for the subset (search_spaces/datasets.yaml)."""
+    from helix_sweep.config import dataset_catalog
+
+    entry = dataset_catalog().get(dataset)
+    expected = (entry.subsets.get(subset) or {}).get("num_classes") if entry is not None else None
+    if expected is not None and expected != found:
+        log.warning("%s %s: %d classes found, the catalog says %d (a partial or filtered source?)",
+                    dataset, subset, found, expected)
+    else:
+        log.info("%s %s: %d classes", dataset, subset, found)

@@ -33,6 +33,7 @@ import torch
 from helix_sweep.config import dataset_catalog
 
 from .audio import SAMPLE_RATE
+from .layouts import REAL_DATASETS
 from .prepare import is_prepared, prepare_command
 from .shards import ClipStore
 
@@ -55,8 +56,9 @@ class TaskSpec:
 
 
 # The data layer's own part of each dataset: the prepared (or generated) folder it reads and how its
-# examples are built. Clip length, folds, concat_n and pool_tokens are the catalog's
-# (search_spaces/datasets.yaml): a concat task's clips are clip_seconds / concat_n long each.
+# examples are built. Clip length, folds, concat_n, an explicit pool_tokens and the source subset are the
+# catalog's (search_spaces/datasets.yaml): a concat task's clips are clip_seconds / concat_n long each
+# (its info records the first clip's samples; the head's K per frontend is the grid's, from the frontend).
 # Synthetic tasks are sized there for the CPU smoke grid: 0.5 s commands, 2 x 0.5 s concat (K = 50 raw
 # tokens = the first clip), 1 s speaker windows (pure attention on raw tokens did not learn 1.5-2 s
 # windows of 260-450 clips in 6 epochs; it did at 1 s).
@@ -87,12 +89,13 @@ def task_spec(dataset: str) -> TaskSpec:
     clip_seconds, options = entry.clip_seconds, {}
     if kind == "concat":
         n = int(entry.options.get("concat_n", 0))
-        if n < 1 or not entry.pool_tokens:
-            raise ValueError(f"search_spaces/datasets.yaml: {dataset} needs options.concat_n >= 1 "
-                             f"and pool_tokens (got {entry.options}, {entry.pool_tokens})")
+        if n < 1:
+            raise ValueError(f"search_spaces/datasets.yaml: {dataset} needs options.concat_n >= 1 (got {entry.options})")
         clip_seconds, options = clip_seconds / n, {"concat_n": n, "pool_tokens": entry.pool_tokens}
     elif kind == "speaker":
         options = dict(SPEAKER_OPTIONS)
+    if entry.subsets:  # a source with subsets (LibriSpeech): the one prepared must be the one named
+        options["subset"] = entry.options.get("subset", next(iter(entry.subsets)))
     folds = len(entry.folds) if entry.folds else None
     return TaskSpec(base, kind, clip_seconds, folds=folds, options=options)
 
@@ -165,7 +168,8 @@ class Task:
     label_names: list[str]
     clip_samples: int
     info: dict
-    pool_tokens: int | None = None  # K for concat tasks (pool over the first K tokens), else None
+    pool_tokens: int | None = None  # an explicit K (pool over the first K tokens) set for a concat task, else None
+    first_clip_samples: int | None = None  # concat tasks: samples of the first (labelled) clip, else None
     sample_rate: int = SAMPLE_RATE
 
 
@@ -189,8 +193,13 @@ def _check_options(dataset: str, spec: TaskSpec, fold: int | None, options: dict
     if float(opts["clip_seconds"]) <= 0:
         raise ValueError(f"{dataset}: clip_seconds must be positive, got {opts['clip_seconds']!r}")
     if spec.kind == "concat":
-        if int(opts["concat_n"]) < 1 or int(opts["pool_tokens"]) < 1:
-            raise ValueError(f"{dataset}: concat_n and pool_tokens must be >= 1, got {opts['concat_n']}, {opts['pool_tokens']}")
+        if int(opts["concat_n"]) < 1 or (opts["pool_tokens"] is not None and int(opts["pool_tokens"]) < 1):
+            raise ValueError(f"{dataset}: concat_n and pool_tokens must be >= 1 (pool_tokens may be None), "
+                             f"got {opts['concat_n']}, {opts['pool_tokens']}")
+    if "subset" in spec.options:
+        valid = list(dataset_catalog()[dataset].subsets)
+        if opts["subset"] not in valid:
+            raise ValueError(f"{dataset}: subset={opts['subset']!r} not one of {valid}")
     if spec.kind == "speaker":
         if opts["partial_clip"] not in ("pad", "drop"):
             raise ValueError(f"{dataset}: partial_clip must be 'pad' or 'drop', got {opts['partial_clip']!r}")
@@ -214,13 +223,26 @@ def _ensure_prepared(root: Path, dataset: str, spec: TaskSpec) -> Path:
     return ddir
 
 
-def require_prepared(data_root: str | Path, dataset: str) -> Path:
+def require_prepared(data_root: str | Path, dataset: str, subset: str | None = None) -> Path:
     """Fail fast (before any trial starts) if `dataset` cannot be opened under `data_root`.
 
-    Raises DatasetNotPrepared for a missing or half-prepared real dataset (naming the prepare command);
-    generates a synthetic one if needed. Returns the prepared folder.
+    Raises DatasetNotPrepared for a missing or half-prepared real dataset (naming the prepare command),
+    or one prepared from another source subset than `subset` (default: the catalog's); generates a
+    synthetic one if needed. Returns the prepared folder.
     """
-    return _ensure_prepared(Path(data_root), dataset, task_spec(dataset))
+    spec = task_spec(dataset)
+    ddir = _ensure_prepared(Path(data_root), dataset, spec)
+    if "subset" in spec.options:
+        _check_subset(ddir, dataset, spec, subset or spec.options["subset"], Path(data_root))
+    return ddir
+
+
+def _check_subset(ddir: Path, dataset: str, spec: TaskSpec, subset: str, root: Path) -> None:
+    """The prepared folder holds `subset` (data prepared before subsets were recorded: the default one)."""
+    held = json.loads((ddir / "prepared.json").read_text()).get("subset", REAL_DATASETS[spec.base].default_subset)
+    if held != subset:
+        raise DatasetNotPrepared(f"dataset {dataset!r}: {ddir} holds {held}, the task asks for subset {subset}. "
+                                 f"Run: {prepare_command(spec.base, root)} --subset {subset}")
 
 
 def _single(rows: np.ndarray, labels: np.ndarray, lengths: np.ndarray, clip_samples: int) -> Examples:
@@ -320,6 +342,8 @@ def open_task(data_root: str | Path, dataset: str, *, fold: int | None = None, s
     root = Path(data_root)
     ddir = _ensure_prepared(root, dataset, spec)
     prepared = json.loads((ddir / "prepared.json").read_text())
+    if "subset" in opts:
+        _check_subset(ddir, dataset, spec, opts["subset"], root)
     table = pq.read_table(ddir / "manifest.parquet")
     man = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     classes = list(prepared["classes"])
@@ -370,7 +394,8 @@ def open_task(data_root: str | Path, dataset: str, *, fold: int | None = None, s
         return ClipSet(store, ex, clip_samples, man["clip_id"][ex.clip[ex.ptr[:-1]]], f"{dataset}/{name}")
 
     sets = {name: clipset(name) for name in built}
-    pool_tokens = int(opts["pool_tokens"]) if spec.kind == "concat" else None
+    pool_tokens = int(opts["pool_tokens"]) if spec.kind == "concat" and opts["pool_tokens"] is not None else None
+    first_clip = per if spec.kind == "concat" else None
     construction = {
         "dataset": dataset,
         "base": spec.base,
@@ -397,6 +422,7 @@ def open_task(data_root: str | Path, dataset: str, *, fold: int | None = None, s
         "clip_samples": clip_samples,
         "classes": len(classes),
         "pool_tokens": pool_tokens,
+        "first_clip_samples": first_clip,
         "options": construction["options"],
         "construction": str(sidecar),
         "composition_sha256": construction["composition_sha256"],
@@ -411,4 +437,5 @@ def open_task(data_root: str | Path, dataset: str, *, fold: int | None = None, s
         clip_samples=clip_samples,
         info=info,
         pool_tokens=pool_tokens,
+        first_clip_samples=first_clip,
     )

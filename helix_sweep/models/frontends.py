@@ -95,6 +95,16 @@ def num_tokens(frontend: str, num_samples: int) -> int:
     raise ValueError(f"frontend {frontend!r}: expected one of {sorted(FRONTENDS)}")
 
 
+def first_clip_tokens(frontend: str, clip_seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
+    """Tokens the first clip of a joined example covers on a frontend: the head's K for "label of the
+    first clip" tasks. Raw: 100 per second (1 s -> 100). Mel: its time-major patches that fall within
+    the clip (1 s -> 32 frames -> 2 time patches x 8 frequency patches = 16). Tokens run forward in
+    time on both frontends, so the first K tokens are the start of the example."""
+    if sample_rate != SAMPLE_RATE:
+        raise ValueError(f"sample_rate={sample_rate}: the frontends take {SAMPLE_RATE} Hz audio")
+    return num_tokens(frontend, int(round(clip_seconds * sample_rate)))
+
+
 def patch_inputs(frontend: str) -> int:
     """Input values one token's patch convolution reads: 160 samples (raw), 16 x 16 mel bins (mel)."""
     if frontend not in FRONTENDS:

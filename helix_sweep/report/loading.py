@@ -44,7 +44,8 @@ def load_sweep(client: MlflowClient, experiment: str, histories: bool = True) ->
             continue
         t = Trial(run_id=r.info.run_id, key=tags.get(S.TRIAL_KEY, r.info.run_name or r.info.run_id),
                   dataset=tags[S.DATASET], variant=tags[S.VARIANT], fold=tags.get(S.FOLD, "split"),
-                  status=tags.get(S.STATUS), params=dict(r.data.params), metrics=dict(r.data.metrics))
+                  status=tags.get(S.STATUS), params=dict(r.data.params), metrics=dict(r.data.metrics),
+                  stop_reason=tags.get(S.STOP_REASON, ""))
         if histories:
             t.history = {k: _history(client, t.run_id, k) for k in CURVE_METRICS if k in t.metrics}
         trials.append(t)
@@ -63,8 +64,9 @@ def load_sweep(client: MlflowClient, experiment: str, histories: bool = True) ->
         for v in variants:
             parent = parents.get((d, v))
             planned = parent.data.tags.get(S.FOLDS_PLANNED) if parent else None
-            folds = planned.split(",") if planned else seen_folds.get(d) or ["split"]
             mine = {t.fold: t for t in trials if t.dataset == d and t.variant == v}
+            # no parent and no trial: the grid does not run this pair (e.g. mel on speaker ID): no folds
+            folds = planned.split(",") if planned else (seen_folds.get(d) or ["split"]) if parent or mine else []
             folds = sorted(set(folds) | set(mine), key=S.fold_sort_key)
             cells[(d, v)] = Cell(d, v, folds, mine, dict(parent.data.metrics) if parent else {})
     return Sweep(exp.name, exp.experiment_id, client.tracking_uri, datasets, variants, cells, trials)

@@ -22,10 +22,11 @@ CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1300px;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;white-space:nowrap}
-th{background:#f0f0f0} td:first-child{text-align:left;font-weight:600}
+th{background:#f0f0f0;white-space:normal} td:first-child{text-align:left;font-weight:600}
 table.wrap{font-size:.8em} table.wrap th{white-space:normal;max-width:9em} table.wrap td{line-height:1.25}
-table.wrap td:last-child{white-space:normal;max-width:14em;text-align:left}
-td.pending{color:#888;font-style:italic} td.oom{background:#fde2e2;color:#a00}
+table.wrap td:last-child{white-space:normal;max-width:11em;text-align:left}
+table.wrap td:first-child{white-space:normal}
+td.pending{color:#888;font-style:italic} td.oom{background:#fde2e2;color:#a00} td.ruled{background:#f1e6f5;color:#636}
 td.diverged{background:#fff0d8;color:#960} td.failed{background:#fde2e2} td.running{color:#06c}
 ul.notes{font-size:.8em;color:#555;margin:.3em 0 1.2em;max-width:60em} figure{display:inline-block;margin:.5em;max-width:100%}
 figure img{max-width:100%;border:1px solid #ddd} figcaption{font-size:.85em}

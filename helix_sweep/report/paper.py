@@ -51,6 +51,13 @@ PAPER_FEASIBILITY_CELLS: dict[str, dict[str, str]] = {
 }
 SLOW_FACTOR = 2.0  # the paper's "slow": more than 2x pure Mamba's wall time on the same data
 
+# What the paper says about a dataset that the runs' own figures must be read against, by dataset.
+PAPER_DATASET_NOTES: dict[str, str] = {
+    "librispeech": ("the paper says train-clean-100 with 921 speakers, but 921 is train-clean-360's speaker count "
+                    "(train-clean-100 has 251): prepare either with `python -m helix_sweep.data prepare librispeech "
+                    "--subset NAME` and set dataset_defs.librispeech.options.subset"),
+}
+
 # Which of the paper's tables a dataset's table reproduces, by the table kind of results.dataset_kind.
 PAPER_TABLE = {"feasibility": 1, "folds": 2, "single": 3, "long_memory": 4, "speaker": 5}
 SMOOTH_EPOCHS = 7  # the paper's curves (Figures 4-7) are smoothed over 7 epochs

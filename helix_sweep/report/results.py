@@ -43,6 +43,7 @@ class Trial:
     params: dict[str, str]
     metrics: dict[str, float]  # latest value of each metric
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
+    stop_reason: str = ""  # why it did not finish (the stop_reason tag): a grid rule's reason for ruled_oom
 
     @property
     def best(self) -> float | None:

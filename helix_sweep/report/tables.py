@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from helix_sweep.report.paper import (PAPER_FEASIBILITY, PAPER_FEASIBILITY_CELLS, PAPER_RESULTS, PAPER_TABLE,
-                                      SLOW_FACTOR, dataset_title, paper_key)
+from helix_sweep.report.paper import (PAPER_DATASET_NOTES, PAPER_FEASIBILITY, PAPER_FEASIBILITY_CELLS, PAPER_RESULTS,
+                                      PAPER_TABLE, SLOW_FACTOR, dataset_title, paper_key)
 from helix_sweep.report.results import Cell, Sweep, Trial, split_variant
 from helix_sweep.sweep import schema as S
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # How a status tag reads in a table cell.
 STATUS_TEXT = {S.FINISHED: "done", S.RUNNING: "running", S.OOM: "OOM", S.PLANNED_OOM: "planned OOM",
-               S.DIVERGED: "diverged", S.FAILED: "failed", None: "pending"}
+               S.RULED_OOM: "ruled OOM", S.DIVERGED: "diverged", S.FAILED: "failed", None: "pending"}
 
 
 def pct(x: float | None) -> str:
@@ -45,8 +45,13 @@ def trial_text(t: Trial | None) -> str:
     return text
 
 
+NOT_IN_SWEEP = "—"  # a dataset x variant the grid does not run (no parent run, no trial)
+
+
 def cell_summary(cell: Cell) -> str:
     """The aggregate cell: mean ± std over finished folds, or why there is none yet."""
+    if not cell.folds:
+        return NOT_IN_SWEEP
     counts = cell.statuses()
     n, k = len(cell.finished), len(cell.folds)
     if n:
@@ -95,7 +100,8 @@ class Table:
 
     def to_markdown(self) -> str:
         def esc(s: str) -> str:
-            return str(s).replace("|", "\\|")
+            text = str(s).replace("|", "\\|")
+            return text.replace(" · ", "<br>") if self.wrap else text  # GitHub renders <br> inside a cell
 
         lines = [f"### {self.title}", "", "| " + " | ".join(esc(h) for h in self.header) + " |",
                  "|" + "|".join("---" for _ in self.header) + "|"]
@@ -118,8 +124,8 @@ class Table:
 
 def _css(text: str) -> str:
     t = text.lower()
-    for word, cls in (("pending", "pending"), ("oom", "oom"), ("diverged", "diverged"), ("failed", "failed"),
-                      ("running", "running")):
+    for word, cls in (("pending", "pending"), ("ruled", "ruled"), ("oom", "oom"), ("diverged", "diverged"),
+                      ("failed", "failed"), ("running", "running")):
         if word in t:
             return cls
     return "num" if re.match(r"^[+-]?\d", t) else ""
@@ -186,7 +192,8 @@ def single_table(sweep: Sweep, dataset: str) -> Table:
             row += [int_text(t.tokens) if t else "", (t.params.get(S.POOL_TOKENS, "") if t else "")]
         row += [best_text, pct(fmean)] + ([pct(vmean)] if with_val else [])
         best_epoch = t.metrics.get(S.BEST_EPOCH) if t else None
-        row += [int_text(t.epochs) if t else "", int_text(best_epoch), STATUS_TEXT.get(t.status, t.status) if t else "pending"]
+        status = STATUS_TEXT.get(t.status, t.status) if t else ("pending" if c.folds else NOT_IN_SWEEP)
+        row += [int_text(t.epochs) if t else "", int_text(best_epoch), status]
         row += [paper_text(dataset, c.variant), delta_text(dataset, c.variant, mean)] if has_paper else []
         rows.append(row)
         records.append({"dataset": dataset, "variant": c.variant, "best": mean, "final": fmean, "at_best_val": vmean,
@@ -198,16 +205,39 @@ def single_table(sweep: Sweep, dataset: str) -> Table:
                                                  "where compute ran out); best epoch = epoch of the best test."]
     if paper_key(dataset):
         notes.append("paper: SPEC 'Results to compare against' (best test accuracy, %, epochs reached).")
+    notes += dataset_notes(sweep, dataset)
     return Table(f"{kind}_{slug(dataset)}", f"Table {PAPER_TABLE[kind]} · {dataset_title(dataset)}: {what}, "
                  "best and final test accuracy (%)",
                  header, rows, notes, records)
 
 
+def dataset_notes(sweep: Sweep, dataset: str) -> list[str]:
+    """What the paper says about the dataset that these runs must be read against, with the runs' own
+    subset and class count (params task.subset, num_classes), and a truncated schedule."""
+    trials = [t for t in sweep.trials if t.dataset == dataset]
+    notes = []
+    text = PAPER_DATASET_NOTES.get(paper_key(dataset) or "")
+    if text:
+        subsets = sorted({t.params["task.subset"] for t in trials if t.params.get("task.subset")})
+        classes = sorted({t.params[S.NUM_CLASSES] for t in trials if t.params.get(S.NUM_CLASSES)}, key=str)
+        ran = (f"; these runs: {' and '.join(subsets) or 'subset not recorded'}"
+               + (f", {' / '.join(classes)} classes" if classes else ""))
+        notes.append(f"{dataset_title(dataset)}: {text}{ran}.")
+    schedules = sorted({(t.params.get("stop_after_epochs"), t.params.get("epochs")) for t in trials
+                        if t.params.get("stop_after_epochs") not in (None, "", "None")})
+    for stop, epochs in schedules:
+        notes.append(f"schedule: a {epochs}-epoch cosine LR schedule stopped after epoch {stop} "
+                     "(train.stop_after_epochs): epochs reached counts the epochs trained.")
+    return notes
+
+
 def feasibility_table(sweep: Sweep) -> Table:
-    """Table 1: which variants train at which sequence length: ok / slow / OOM, s/epoch (x pure Mamba),
-    peak memory; rows by sequence length, the paper's cell beside ours."""
+    """Table 1: which variants train at which sequence length: ok / slow / OOM (measured), planned OOM
+    (the plan), ruled OOM (a grid rule, with the plan's verdict beside it), s/epoch (x pure Mamba), peak
+    memory; rows by sequence length, the paper's cell beside ours; under it what the plan says with the
+    paper's naive attention and with SDPA. Cells break into lines (HTML) so the table fits the page."""
     has_paper = any(paper_key(d) in PAPER_FEASIBILITY for d in sweep.datasets)
-    header = ["dataset", "tokens/clip (raw / mel)"] + sweep.variants + (["paper"] if has_paper else [])
+    header = ["dataset", "tokens (raw / mel)"] + sweep.variants + (["paper"] if has_paper else [])
     rows, records = [], []
     for d in sweep.by_length():
         cells = {v: sweep.cell(d, v) for v in sweep.variants}
@@ -227,7 +257,7 @@ def feasibility_table(sweep: Sweep) -> Table:
             category = feasibility_category(c, secs, ref_secs)
             row.append(_feasibility_text(c, category, secs, ref_secs, peak))
             records.append({"dataset": d, "variant": v, "statuses": dict(c.statuses()), "epoch_seconds": secs,
-                            "peak_mem_mb": peak, "category": category,
+                            "peak_mem_mb": peak, "category": category, "plan": _plan_verdicts(c),
                             "paper": PAPER_FEASIBILITY_CELLS.get(paper_key(d) or "", {}).get(backbone)
                             if frontend == "raw" else None})
         if has_paper:
@@ -236,9 +266,11 @@ def feasibility_table(sweep: Sweep) -> Table:
     notes = [f"ok = every planned trial finished; slow = finished, but more than {SLOW_FACTOR:g}× the epoch time of pure "
              "Mamba with the same frontend (the paper's 'slow'); s/ep = mean epoch wall time; MB = peak accelerator "
              "(or process) memory.",
-             "OOM = ran out of memory; planned OOM = not launched because the plan predicts out of memory; "
-             "diverged = stopped after repeated non-finite losses.",
-             attention_note(sweep, records)]
+             "OOM = ran out of memory; planned OOM = not launched: the plan predicts out of memory under the trial's "
+             "attention implementation; ruled OOM = not launched: a grid rule keeps it out, while the plan's own "
+             "verdict is shown beside it; diverged = stopped after repeated non-finite losses."]
+    notes += rule_notes(sweep)
+    notes += [attention_note(sweep, records), plan_note(records)]
     return Table("feasibility", f"Table {PAPER_TABLE['feasibility']} · Feasibility by sequence length", header, rows,
                  notes, records, wrap=True)
 
@@ -250,17 +282,64 @@ def feasibility_category(cell: Cell, secs: float | None, ref_secs: float | None)
         return "slow" if secs is not None and ref_secs and secs / ref_secs > SLOW_FACTOR else "ok"
     if counts.get(S.OOM) or counts.get(S.PLANNED_OOM):
         return "oom"
+    if counts.get(S.RULED_OOM):
+        return "ruled"  # decided by a rule, not measured or planned: not compared with the paper
     return None
+
+
+def _plan_verdicts(cell: Cell) -> dict[str, str]:
+    """The plan's feasibility of a cell's trials: {"own": ..., "naive": ..., "sdpa": ...} from the runs'
+    plan.feasibility params (empty for runs logged before the plan's verdicts were params)."""
+    for t in cell.trials.values():
+        own = t.params.get(S.PLAN_FEASIBILITY)
+        if own:
+            return {"own": own, **{impl: t.params[S.plan_feasibility_name(impl)] for impl in ("naive", "sdpa")
+                                   if t.params.get(S.plan_feasibility_name(impl))}}
+    return {}
+
+
+def rule_notes(sweep: Sweep) -> list[str]:
+    """One note per grid rule that kept trials out: the cells and the rule's reason (stop_reason)."""
+    by_reason: dict[str, list[str]] = {}
+    for t in sweep.trials:
+        if t.status == S.RULED_OOM:
+            cell = f"{t.dataset} {t.variant}"
+            cells = by_reason.setdefault(t.stop_reason or "no reason recorded", [])
+            if cell not in cells:
+                cells.append(cell)
+    return [f"ruled OOM ({', '.join(cells)}): {reason}" for reason, cells in by_reason.items()]
+
+
+def plan_note(records: list[dict[str, Any]]) -> str:
+    """One sentence: the plan's Table 1 with the paper's naive attention (against the paper's cells) and
+    what SDPA changes, from the runs' plan.feasibility.naive / .sdpa params."""
+    planned = [r for r in records if r["plan"].get("naive") and r["plan"].get("sdpa")]
+    if not planned:
+        return "The runs do not record the plan's verdicts (plan.feasibility.naive / .sdpa params)."
+    with_paper = [r for r in planned if r["paper"]]
+    differ = [f"{r['dataset']} {r['variant']} {r['plan']['naive']} (paper {r['paper']})" for r in with_paper
+              if r["plan"]["naive"] != r["paper"]]
+    if not with_paper:
+        naive = "no cell here has a paper entry"
+    elif differ:
+        naive = (f"it matches the paper's Table 1 in {len(with_paper) - len(differ)} of {len(with_paper)} cells, "
+                 f"not in " + "; ".join(differ))
+    else:
+        naive = f"it gives the paper's Table 1 in all {len(with_paper)} cells"
+    changes = [f"{r['dataset']} {r['variant']} {r['plan']['naive']} → {r['plan']['sdpa']}" for r in planned
+               if r["plan"]["naive"] != r["plan"]["sdpa"]]
+    sdpa = ("with SDPA " + "; ".join(changes)) if changes else "with SDPA no cell changes"
+    return f"The plan (one GPU, the runs' gpu_memory_gb) with the paper's naive attention: {naive}; {sdpa}."
 
 
 def attention_note(sweep: Sweep, records: list[dict[str, Any]]) -> str:
     """One sentence: the attention implementation the trials ran and where Table 1 departs from the paper."""
-    impls = sorted({t.params["attention_impl"] for t in sweep.trials
-                    if t.params.get("attention_impl") and split_variant(t.variant)[0] != "mamba"})
+    impls = sorted({t.params[S.ATTENTION_IMPL] for t in sweep.trials
+                    if t.params.get(S.ATTENTION_IMPL) and split_variant(t.variant)[0] != "mamba"})
     ran = f"attention ran as {' and '.join(impls)}" if impls else "the runs do not record attention_impl"
-    differ = [f"{r['dataset']} {r['variant']} {r['category']} (paper {r['paper']})" for r in records
-              if r["paper"] and r["category"] and r["category"] != r["paper"]]
-    compared = [r for r in records if r["paper"] and r["category"]]
+    compared = [r for r in records if r["paper"] and r["category"] in ("ok", "slow", "oom")]
+    differ = [f"{r['dataset']} {r['variant']} {r['category']} (paper {r['paper']})" for r in compared
+              if r["category"] != r["paper"]]
     if not compared:
         verdict = "no cell with a paper entry has a result yet"
     elif differ:
@@ -272,16 +351,20 @@ def attention_note(sweep: Sweep, records: list[dict[str, Any]]) -> str:
 
 def _feasibility_text(cell: Cell, category: str | None, secs: float | None, ref_secs: float | None,
                       peak: float | None) -> str:
+    if not cell.folds:
+        return NOT_IN_SWEEP
     counts = cell.statuses()
     if category in ("ok", "slow"):
         status = category
     elif len(counts) == 1:
         status = STATUS_TEXT.get(next(iter(counts)), next(iter(counts)))
     else:
-        order = [S.FINISHED, S.RUNNING, S.OOM, S.PLANNED_OOM, S.DIVERGED, S.FAILED, None]
+        order = [S.FINISHED, S.RUNNING, S.OOM, S.PLANNED_OOM, S.RULED_OOM, S.DIVERGED, S.FAILED, None]
         status = ", ".join(f"{STATUS_TEXT.get(s, s)} {counts[s]}/{len(cell.folds)}"
                            for s in sorted(counts, key=lambda s: order.index(s) if s in order else len(order)))
     parts = [status]
+    if category == "ruled" and (own := _plan_verdicts(cell).get("own")):
+        parts.append(f"plan: {own}")  # what the plan itself says, under the trial's attention_impl
     if secs is not None:
         parts.append(f"{secs:.1f} s/ep")
         parts += [f"({secs / ref_secs:.1f}× Mamba)"] if ref_secs else []  # own line in HTML: narrow columns

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def check_data(trials: list[TrialSpec]) -> None:
-    """Every dataset a trial reads is prepared (synthetic ones are generated here, once, so parallel
-    trials do not race to generate them)."""
+    """Every dataset a trial reads is prepared, from the source subset the trial names (synthetic ones
+    are generated here, once, so parallel trials do not race to generate them)."""
     from helix_sweep.training import DatasetNotPrepared, require_prepared
 
-    for root, dataset in sorted({(t.data_root, t.dataset) for t in trials if t.status == "run"}):
+    needed = {(t.data_root, t.dataset, t.task_options.get("subset") or "") for t in trials if t.status == "run"}
+    for root, dataset, subset in sorted(needed):
         try:
-            require_prepared(root, dataset)
+            require_prepared(root, dataset, subset or None)
         except DatasetNotPrepared as exc:
             raise ConfigError(str(exc)) from None
 
@@ -185,17 +186,16 @@ def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec], gpus: float | None
 
 
 def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> None:
-    """Trials the plan marks infeasible get a run with status planned_oom and no GPU time."""
+    """Trials kept out get a run with their status and no GPU time: planned_oom (the plan predicts out of
+    memory) or ruled_oom (a grid rule); the reason is the stop_reason tag, the settings the params."""
     for t in trials:
-        if t.status != S.PLANNED_OOM or runs.find_trial_run(client, experiment_id, t.key) is not None:
+        if t.status not in S.NOT_LAUNCHED or runs.find_trial_run(client, experiment_id, t.key) is not None:
             continue
         run = runs.create_trial_run(
             client, experiment_id, t.key, t.dataset, t.variant, t.fold_label,
-            tags={S.STATUS: S.PLANNED_OOM, S.RESUMES: "0", S.STOP_REASON: t.budget.oom_reason},
-            params={"variant": t.variant, "pattern": t.pattern, S.FRONTEND: t.frontend, "dataset": t.dataset,
-                    "fold": t.fold_label, S.TOKENS_PER_CLIP: t.tokens, "attention_impl": t.model.attention_impl,
-                    "gpu_memory_gb": t.resources.gpu_memory_gb, "num_workers": t.resources.num_workers})
-        client.set_terminated(run.info.run_id, S.run_state(S.PLANNED_OOM))
+            tags={S.STATUS: t.status, S.RESUMES: "0", S.STOP_REASON: t.budget.oom_reason},
+            params=S.trial_params(t))
+        client.set_terminated(run.info.run_id, S.run_state(t.status))
         runs.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
 
 
@@ -229,7 +229,7 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     record_planned_oom(client, experiment_id, trials)
     runnable = [t for t in trials if t.status == "run"]
     if not runnable:
-        print("nothing to run: every trial is planned oom")
+        print("nothing to run: every trial is kept out (planned_oom or ruled_oom)")
         return 0
 
     if not ray.is_initialized():
@@ -256,7 +256,7 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
         if len(runnable) != 1:
             raise ConfigError(f"a search (search.num_samples={cfg.search.num_samples}) runs over one base trial; "
                               f"the grid gives {len(runnable)}: narrow it with datasets=[..] variants=[..] folds=[..]")
-        searcher, scheduler = searcher_and_scheduler(cfg.search, runnable[0].train.epochs)
+        searcher, scheduler = searcher_and_scheduler(cfg.search, runnable[0].train.stop_epoch)
         param_space.update({"trial_key": runnable[0].key, **search_space(cfg.search)})
         tune_config.update(search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_samples)
         tune_config.pop("max_concurrent_trials")  # the ConcurrencyLimiter caps a search

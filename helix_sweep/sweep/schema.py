@@ -9,7 +9,9 @@ One experiment per sweep. In it:
   (step = number of finished folds);
 - a trial run per trial, named after its trial key `<dataset>/<variant>/fold<k>` (or `/split`),
   nested under its parent (tag mlflow.parentRunId), tags kind=trial, trial_key, dataset, variant,
-  fold, status, resumes, hardware, stop_reason (when it did not finish); params the trial's settings;
+  fold, status, resumes, hardware, stop_reason (when it did not finish); params every resolved setting
+  that changes a result (`trial_params`: model, train with augment, task options, pooling, the plan's
+  verdicts, and from the worker what it resolved: precision, scan_impl, micro-batch, parameter counts);
   metrics per epoch with step = epoch (EPOCH_METRICS), then epochs_done and best_test_acc_final.
 """
 
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Sequence
+from dataclasses import asdict
+from typing import Any, Sequence
 
 # Tags
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: nests a run under another in the UI
@@ -41,16 +44,19 @@ KIND_TRIAL = "trial"
 KIND_PARENT = "parent"
 
 # Values of the status tag: training's Progress.status (running, finished, diverged, oom, failed),
-# and two the sweep sets itself: planned_oom (never launched: the plan predicts out of memory) and
-# stopped (the scheduler ended it early).
+# and three the sweep sets itself: planned_oom (never launched: the plan predicts out of memory under
+# the trial's attention_impl), ruled_oom (never launched: a grid rule keeps it out, its reason in
+# stop_reason, although the plan says it fits) and stopped (the scheduler ended it early).
 RUNNING = "running"
 FINISHED = "finished"  # the only status whose numbers count in the aggregates
 OOM = "oom"
 DIVERGED = "diverged"
 FAILED = "failed"
 PLANNED_OOM = "planned_oom"
+RULED_OOM = "ruled_oom"
+NOT_LAUNCHED = (PLANNED_OOM, RULED_OOM)  # the sweep records these without running them
 STOPPED = "stopped"
-TERMINAL_STATUSES = frozenset({FINISHED, OOM, DIVERGED, FAILED, PLANNED_OOM})  # will not run again
+TERMINAL_STATUSES = frozenset({FINISHED, OOM, DIVERGED, FAILED, PLANNED_OOM, RULED_OOM})  # will not run again
 
 # Params the report reads (the rest of a trial's params are its settings, named as in the config)
 FRONTEND = "frontend"
@@ -58,6 +64,16 @@ TOKENS_PER_CLIP = "tokens_per_clip"
 POOL_TOKENS = "pool_tokens"
 SCAN_IMPL = "scan_impl"  # the selective scan the trial ran (cuda | triton | pure | none)
 SCAN_IMPL_REQUESTED = "scan_impl_requested"  # model.scan_impl as configured (auto, or an explicit one)
+ATTENTION_IMPL = "attention_impl"  # model.attention_impl: naive | sdpa
+PRECISION = "precision"  # what the trial trained in (fp32 | fp16 | bf16): train.precision resolved
+PRECISION_REQUESTED = "precision_requested"  # train.precision as configured (auto, or an explicit one)
+NUM_CLASSES = "num_classes"
+PLAN_FEASIBILITY = "plan.feasibility"  # the plan's ok | slow | oom under the trial's own attention_impl
+
+
+def plan_feasibility_name(attention_impl: str) -> str:
+    """The param holding the plan's verdict under one attention implementation: plan.feasibility.naive."""
+    return f"{PLAN_FEASIBILITY}.{attention_impl}"
 
 # Metrics: per epoch (step = epoch), as training names them
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "best_epoch", "lr",
@@ -73,6 +89,41 @@ BEST_TEST_ACC_FINAL = "best_test_acc_final"
 # on a parent (step = finished folds): mean and sample std over finished folds of a trial metric
 N_FOLDS_DONE = "n_folds_done"
 AGGREGATED = (BEST_TEST_ACC, TEST_ACC_AT_BEST_VAL)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"augment": {"shift": True}} -> {"augment.shift": True}: nested settings as dotted params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def trial_params(spec: Any) -> dict[str, Any]:
+    """The params of a trial's run from its TrialSpec: every setting that changes a result, as configured
+    and as the grid resolved it (model and train settings under their own names as earlier sweeps logged
+    them: d_model, pos_encoding, lr, augment.mixup, ...; task options as task.<name>; the plan's verdicts
+    as plan.*). The worker adds what only it resolves (precision, scan_impl, parameter counts) on top;
+    model.scan_impl and train.precision are also kept as *_requested."""
+    train = {k: v for k, v in asdict(spec.train).items() if k != "inject"}  # inject: test hooks only
+    budget = spec.budget
+    return {
+        **flatten(train), **flatten(asdict(spec.model)),
+        PRECISION_REQUESTED: spec.train.precision, SCAN_IMPL_REQUESTED: spec.model.scan_impl,
+        **flatten(dict(spec.task_options), "task."),
+        "variant": spec.variant, FRONTEND: spec.frontend, "pattern": spec.pattern,
+        "attention_positions": [i for i, c in enumerate(spec.pattern) if c == "A"], "dataset": spec.dataset,
+        "fold": spec.fold_label, "clip_seconds": spec.clip_seconds, NUM_CLASSES: spec.num_classes,
+        TOKENS_PER_CLIP: spec.tokens, POOL_TOKENS: spec.pool_tokens or "all",
+        "num_workers": spec.resources.num_workers, "gpu_memory_gb": spec.resources.gpu_memory_gb,
+        PLAN_FEASIBILITY: budget.feasibility,
+        **{plan_feasibility_name(impl): v for impl, v in budget.feasibility_by_impl.items()},
+        PRECISION: budget.precision or spec.train.precision,  # the plan's for a GPU; the worker logs what ran
+        "micro_batch": budget.micro_batch, "grad_accum": budget.grad_accum,
+    }
 
 
 def mean_name(metric: str) -> str:
@@ -94,7 +145,7 @@ def trial_tags(trial_key: str, dataset: str, variant: str, fold: str | int) -> d
 
 def run_state(status: str) -> str:
     """The MLflow run state a trial run ends in, for its status tag."""
-    return {FINISHED: "FINISHED", STOPPED: "KILLED", PLANNED_OOM: "KILLED"}.get(status, "FAILED")
+    return {FINISHED: "FINISHED", STOPPED: "KILLED", PLANNED_OOM: "KILLED", RULED_OOM: "KILLED"}.get(status, "FAILED")
 
 
 def quote(value: str) -> str:

@@ -75,22 +75,10 @@ class RayMlflowReporter:
         from helix_sweep.sweep.trial_run import TrialRun, code_version, package_versions
 
         s = self.spec
-        log.info("%s: selective scan %s (model.scan_impl=%s) on %s", s.key, trial.scan_impl, s.model.scan_impl,
-                 trial.device)
+        log.info("%s: selective scan %s (model.scan_impl=%s), precision %s (train.precision=%s) on %s", s.key,
+                 trial.scan_impl, s.model.scan_impl, trial.precision, s.train.precision, trial.device)
         self.run = TrialRun(self.tracking["uri"], s.experiment, s.key)
-        params = {  # the train settings first: the resolved micro_batch / grad_accum below win
-            **{k: v for k, v in _flat(s.train.__dict__).items() if k != "inject"},
-            "variant": s.variant, S.FRONTEND: s.frontend, "pattern": s.pattern,
-            "attention_positions": [i for i, c in enumerate(s.pattern) if c == "A"], "dataset": s.dataset,
-            "fold": s.fold_label, "n_params": trial.n_params, "n_params_per_layer": trial.n_params_per_layer,
-            "d_model": s.model.d_model, "d_state": s.model.d_state, "d_ffn": trial.d_ffn,
-            S.TOKENS_PER_CLIP: trial.tokens_per_clip, S.POOL_TOKENS: s.pool_tokens or "all",
-            "micro_batch": trial.micro_batch, "grad_accum": trial.grad_accum,
-            "attention_impl": s.model.attention_impl, "num_workers": self.world_size,
-            S.SCAN_IMPL: trial.scan_impl, S.SCAN_IMPL_REQUESTED: s.model.scan_impl,
-            "git_sha": code_version(), "versions": package_versions(), "n_train": trial.task.get("n_train"),
-            "n_test": trial.task.get("n_test"), "num_classes": len(trial.label_names),
-        }
+        params = {**run_params(s, trial, self.world_size), "git_sha": code_version(), "versions": package_versions()}
         if progress.status != "running" and progress.run_id and self.run.is_closed(progress.run_id, progress.status):
             # relaunched after its final checkpoint (e.g. a driver killed seconds after the end):
             # nothing to train and nothing to log
@@ -212,14 +200,16 @@ class RayMlflowReporter:
             log.warning("parent aggregates of %s/%s not updated: %s", self.spec.dataset, self.spec.variant, exc)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if hasattr(v, "__dict__") and not isinstance(v, type):
-            out.update(_flat(v.__dict__, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def run_params(spec: TrialSpec, trial: TrialReport, world_size: int) -> dict:
+    """The params of a trial's MLflow run: its settings (schema.trial_params), then what its workers
+    resolved on their device (precision, scan_impl, micro-batch) and the model's figures."""
+    return {
+        **S.trial_params(spec),
+        "n_params": trial.n_params, "n_params_per_layer": trial.n_params_per_layer, "d_ffn": trial.d_ffn,
+        S.TOKENS_PER_CLIP: trial.tokens_per_clip, "micro_batch": trial.micro_batch, "grad_accum": trial.grad_accum,
+        "num_workers": world_size, S.SCAN_IMPL: trial.scan_impl, S.PRECISION: trial.precision,
+        "n_train": trial.task.get("n_train"), "n_test": trial.task.get("n_test"), S.NUM_CLASSES: len(trial.label_names),
+    }
 
 
 def train_worker(config: dict) -> None:

@@ -39,7 +39,6 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 SCAN_IMPLS = ("fused", "reference")
 FEASIBILITY = ("ok", "slow", "oom")
 SLOW_FACTOR = 2.0  # the study's "slow": more than 2x pure Mamba's wall time on the same data
-RULE_REASON = "a planned_oom rule of the grid"
 
 
 # ----------------------------------------------------------------------------- trial input
@@ -53,7 +52,7 @@ class PlanTrial:
     pattern: str  # layer types, index 0 first: "M" BiMamba, "A" attention, e.g. "MMMAMM"
     frontend: str  # "raw" or "mel"
     tokens: int  # tokens per clip after the frontend
-    epochs: int
+    epochs: int  # epochs trained (a truncated schedule counts only those run: train.stop_epoch)
     train_clips: int  # clips per training epoch
     eval_clips: int = 0  # clips evaluated (forward only) after every epoch
     batch_size: int = 32  # effective batch of the protocol
@@ -73,8 +72,9 @@ def _from_spec(spec: TrialSpec) -> PlanTrial:
     if spec.train_clips is None:
         raise ValueError(f"trial {spec.key!r}: no clips per epoch for dataset {spec.dataset!r}; set "
                          f"train_clips / eval_clips in search_spaces/datasets.yaml")
-    precision = "fp16" if train.precision == "auto" else train.precision  # auto: fp16 on GPU
-    return PlanTrial(spec.key, spec.pattern, spec.frontend, spec.tokens, train.epochs, spec.train_clips,
+    # the budget's resolved precision once planned (trial_budget); before that auto counts as fp16
+    precision = spec.budget.precision or ("fp16" if train.precision == "auto" else train.precision)
+    return PlanTrial(spec.key, spec.pattern, spec.frontend, spec.tokens, train.stop_epoch, spec.train_clips,
                      spec.eval_clips or 0, train.batch_size, model.d_model, model.d_state, model.d_conv,
                      model.expand, model.num_heads, spec.num_classes, model.attention_impl, precision,
                      spec.resources.num_workers)
@@ -384,24 +384,46 @@ def feasibility(trial: Any, gpu_memory_gb: float = 48.0, safety: float = 0.8,
 # ----------------------------------------------------------------------------- a grid trial's budget
 
 
-def trial_budget(spec: TrialSpec, ruled_oom: bool = False) -> TrialBudget:
-    """Feasibility, micro-batch and accumulation of a grid trial on one GPU of
-    resources.gpu_memory_gb, and why it is infeasible: the plan's memory figure, or a planned_oom
-    rule of the grid (`ruled_oom`, an explicit override on top of the plan)."""
-    t = as_trial(spec)
+def resolve_precision(trial: Any, requested: str, gpu_memory_gb: float = 48.0, safety: float = 0.8,
+                      micro_batch: int | None = None, gpu: Gpu = L40S) -> str:
+    """train.precision for a GPU trial: an explicit one as is; "auto" is fp32 where the trial fits one GPU
+    in fp32 (its whole per-worker batch, or the micro_batch the user set) and fp16 mixed precision only
+    where memory needs it (the protocol's "FP16 mixed precision where memory needs it")."""
+    if requested != "auto":
+        return requested
+    t = replace(as_trial(trial), precision="fp32")
+    per_worker = t.batch_size // t.workers
+    clips = min(micro_batch or per_worker, per_worker)
+    fits = training_memory_bytes(t, clips, gpu) <= safety * gpu_memory_gb * GIB
+    return "fp32" if fits else "fp16"
+
+
+def trial_budget(spec: TrialSpec, rule_reason: str = "") -> TrialBudget:
+    """Precision, feasibility, micro-batch and accumulation of a grid trial on one GPU of
+    resources.gpu_memory_gb, under the trial's own attention_impl (and, for the record, under each
+    implementation), and why it is kept out: the plan predicts OOM (one clip does not fit), or a grid's
+    ruled_oom rule names it (`rule_reason`), although the plan says it fits."""
     gb = spec.resources.gpu_memory_gb
     per_worker = spec.train.batch_size // spec.resources.num_workers
+    by_impl, planned = {}, {}
+    for impl in ATTENTION_IMPLS:
+        t = replace(as_trial(spec), attention_impl=impl)
+        t = replace(t, precision=resolve_precision(t, spec.train.precision, gb, micro_batch=spec.train.micro_batch))
+        planned[impl], by_impl[impl] = t, feasibility(t, gb)
+    t = planned[spec.model.attention_impl]
     try:
         micro, accum = choose_micro_batch(t, gb)
-        feasible, reason = feasibility(t, gb), ""
+        reason = ""
     except InfeasibleTrial as exc:  # forced trials run at the smallest micro-batch (and end as oom)
         micro, accum = 1, per_worker
-        feasible, reason = "oom", f"plan: {exc}"
+        reason = f"plan: {exc}"
     if spec.train.micro_batch:  # one the user set is kept
         micro = min(spec.train.micro_batch, per_worker)
         accum = per_worker // micro
-    by = "plan" if reason else ("rule" if ruled_oom else "")
-    return TrialBudget(feasible, micro, accum, by, reason or (RULE_REASON if ruled_oom else ""))
+    by = "plan" if reason else ("rule" if rule_reason else "")
+    reason = reason or (f"grid rule: {rule_reason}" if rule_reason else "")
+    return TrialBudget(feasibility=by_impl[spec.model.attention_impl], feasibility_by_impl=by_impl,
+                       precision=t.precision, micro_batch=micro, grad_accum=accum, planned_oom=by, oom_reason=reason)
 
 
 @dataclass(frozen=True)

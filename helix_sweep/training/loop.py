@@ -71,11 +71,23 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """fp16 with a grad scaler on GPU by default, fp32 on CPU; bf16 where asked."""
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # precision -> autocast dtype
+
+
+def resolve_precision(precision: str, device: torch.device, planned: str = "") -> str:
+    """The precision a trial trains in: fp32 on CPU; on a GPU an explicit train.precision, else (auto) the
+    plan's choice (spec.budget.precision: fp32 where the trial fits in fp32, fp16 where memory needs it),
+    fp16 when the trial was not planned (a spec built by hand)."""
+    if device.type != "cuda":
+        return "fp32"
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        return planned or "fp16"
+    return precision
+
+
+def amp_dtype_for(precision: str, device: torch.device, planned: str = "") -> Optional[torch.dtype]:
+    """The autocast dtype of resolve_precision (None: fp32, no autocast); fp16 runs with a grad scaler."""
+    return AMP_DTYPES[resolve_precision(precision, device, planned)]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -140,9 +152,10 @@ def build(spec: TrialSpec, num_classes: int, n_train: int, world_size: int) -> S
     micro = micro_batch(spec, device, per_rank_batch)
     steps_per_epoch = max((n_train // world_size) // per_rank_batch, 1)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
+    # the cosine schedule spans all t.epochs, also when training stops earlier (train.stop_after_epochs)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=t.epochs * steps_per_epoch, eta_min=t.min_lr)
-    amp_dtype = amp_dtype_for(t.precision, device)
+    amp_dtype = amp_dtype_for(t.precision, device, spec.budget.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
     return Setup(model, optimizer, scheduler, scaler, device, amp_dtype, steps_per_epoch, micro, world_size)
 
@@ -160,7 +173,8 @@ def trial_report(spec: TrialSpec, setup: Setup, task) -> TrialReport:
         tokens_per_clip=core.num_tokens(task.clip_samples), micro_batch=setup.micro_batch,
         grad_accum=(spec.train.batch_size // max(1, _world(setup))) // setup.micro_batch,
         steps_per_epoch=setup.steps_per_epoch, device=str(setup.device),
-        precision=str(setup.amp_dtype or "fp32"), scan_impl=scan_impl(spec, setup.device),
+        precision=next(name for name, dtype in AMP_DTYPES.items() if dtype == setup.amp_dtype),
+        scan_impl=scan_impl(spec, setup.device),
         label_names=list(task.label_names), task=dict(task.info),
     )
 
@@ -303,7 +317,8 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
     last_ckpt = time.monotonic()
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(setup.device)
-    while progress.epoch < t.epochs:
+    # the scheduler spans t.epochs (build); training stops after t.stop_epoch of them
+    while progress.epoch < t.stop_epoch:
         order = epoch_order(len(task.train), t.seed, progress.epoch, rank, world)
         started = time.monotonic()
         while progress.step_in_epoch < setup.steps_per_epoch:
@@ -334,13 +349,13 @@ def _train(spec, setup: Setup, task, gen, progress: Progress, reporter: Reporter
                 last_ckpt = time.monotonic()
         progress.epoch_seconds += time.monotonic() - started
         epoch = _end_epoch_agreed(spec, setup, task, progress)
-        if progress.epoch >= t.epochs:
+        if progress.epoch >= t.stop_epoch:
             # the last epoch's report is the final one: a scheduler that stops trials at max_t
             # (ASHA) then stops a finished trial, never one between its last epoch and its end
             progress.status = "finished"
         reporter.commit(_snapshot(spec, setup, gen, progress, world), epoch, progress)
         last_ckpt = time.monotonic()
-    if progress.status == "running":  # resumed with every epoch already done (epochs lowered)
+    if progress.status == "running":  # resumed with every epoch already done (stop epoch lowered)
         progress.status = "finished"
         reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
 

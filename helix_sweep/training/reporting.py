@@ -22,7 +22,7 @@ class TrialReport:
     grad_accum: int  # micro-steps per optimizer step
     steps_per_epoch: int
     device: str
-    precision: str  # "fp32", or the autocast dtype
+    precision: str  # what the trial trains in: fp32 | fp16 | bf16 (train.precision resolved on this device)
     scan_impl: str  # the selective scan the Mamba layers run here: cuda | triton | pure ("none": no Mamba layer)
     label_names: list[str]
     task: dict = field(default_factory=dict)  # the task's construction record (n_train, n_test, fold, ...)
