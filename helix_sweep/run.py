@@ -10,18 +10,20 @@ import sys
 
 from helix_sweep.config import ConfigError, load_config, parse_overrides, to_yaml
 from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
+from helix_sweep.training.packing import format_fraction
 
 
 def trial_table(trials) -> str:
     """One row per trial, from its budget: `scan` is model.scan_impl (what `auto` runs is decided on
-    the worker's device and logged as the run's scan_impl param); `plan` is its feasibility on one GPU of
-    resources.gpu_memory_gb and `micro x acc` the micro-batch x gradient accumulation it gets there
-    (on CPU: train.micro_batch, or the whole batch)."""
+    the worker's device and logged as the run's scan_impl param); `workers` the DDP workers x the GPUs
+    each asks for on a GPU cluster (a share such as 1/4: packed beside other trials on one GPU);
+    `plan` is its feasibility on one GPU of resources.gpu_memory_gb and `micro x acc` the micro-batch
+    x gradient accumulation it gets there (on CPU: train.micro_batch, or the whole batch)."""
     head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "scan", "workers",
             "plan", "micro x acc", "status")
     rows = [(t.key, t.variant, t.pattern, t.frontend, t.dataset, t.fold_label, str(t.tokens),
              str(t.pool_tokens or "all"), t.model.scan_impl if "M" in t.pattern else "-",
-             f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
+             f"{t.resources.num_workers}x{format_fraction(t.budget.gpu_fraction)}gpu",
              f"{t.budget.feasibility}@{t.resources.gpu_memory_gb:g}GB",
              "-" if t.status == "planned_oom" else f"{t.budget.micro_batch} x {t.budget.grad_accum}", t.status)
             for t in trials]

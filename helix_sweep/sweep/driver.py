@@ -60,13 +60,13 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
     run_dir = str(Path(config["storage_path"]) / name)
     r = spec.resources
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
-    trainer = lambda: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
+    trainer = lambda spec: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": spec,
                            "tracking": {**config["tracking"], "run_dir": run_dir},
                            "threads": max(1, int(r.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=worker_resources(spec, use_gpu)),
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
         torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
         run_config=RunConfig(
@@ -77,7 +77,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
         ),
     )
     try:
-        trainer().fit()
+        trainer(spec).fit()
     except Exception as exc:
         # the storage may have failed where the worker could not see it (Ray Train checking it or
         # its controller writing its record): one clear error, and the trial's run marked failed
@@ -88,6 +88,12 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
             fail_open_run(config["tracking"]["uri"], spec, str(error))
             raise error from exc
         raise
+
+
+def worker_resources(spec: TrialSpec, use_gpu: bool) -> dict:
+    """What each Train worker of the trial asks Ray for: its CPUs and, on a GPU cluster, its planned
+    GPU share (spec.budget.gpu_fraction: a fraction packs it beside other trials on one GPU)."""
+    return {"CPU": spec.resources.cpus_per_worker, **({"GPU": spec.budget.gpu_fraction} if use_gpu else {})}
 
 
 def fail_open_run(uri: str, spec: TrialSpec, reason: str) -> None:
@@ -169,15 +175,16 @@ def resolve_use_gpu(trials: list[TrialSpec], gpus: float) -> list[TrialSpec]:
 def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec], gpus: float | None = None,
                    cpus: float | None = None) -> int:
     """As many trials as the cluster's GPUs (or CPUs, for CPU trials) can hold at once: the
-    smallest trial's share decides, so the cap never leaves a GPU idle while trials wait; Ray
-    queues what does not fit. gpus/cpus default to what the cluster has (or can reach)."""
+    smallest trial's share (workers x GPU share each) decides, so the cap never leaves a GPU idle
+    while trials wait; Ray queues what does not fit. gpus/cpus default to what the cluster has (or
+    can reach)."""
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
     gpus = cluster_gpus()[1] if gpus is None else gpus
     cpus = float(ray.cluster_resources().get("CPU", 1)) if cpus is None else cpus
-    on_gpu = [t.resources for t in trials if uses_gpu(t.resources, gpus)]
-    if on_gpu:
-        return max(1, int(gpus // min(r.num_workers * r.gpus_per_worker for r in on_gpu)))
+    on_gpu = [t for t in trials if uses_gpu(t.resources, gpus)]
+    if on_gpu:  # packed trials (a GPU share < 1) let more trials run than there are GPUs
+        return max(1, int(gpus / min(t.resources.num_workers * t.budget.gpu_fraction for t in on_gpu) + 1e-9))
     return max(1, int(cpus // min(t.resources.num_workers * t.resources.cpus_per_worker for t in trials)))
 
 
