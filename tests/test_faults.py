@@ -30,3 +30,16 @@ def test_nan_from_step_and_step_lists(tmp_path):
     faults.before_step(2)  # no kill at a step the list does not name
     Faults().before_step(0)
     Faults().before_finish()
+
+
+def test_oom_once_with_a_marker(tmp_path):
+    faults = Faults({"oom_at_step": 1, "oom_marker": str(tmp_path / "oom")}, "a/b/c")
+    faults.before_micro_step(0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        faults.before_micro_step(1)
+    faults.before_micro_step(1)  # the marker says it already ran out of memory at step 1: not again
+    assert (tmp_path / "oom.1").exists()
+    always = Faults({"oom_at_step": 1}, "a/b/c")
+    for _ in range(2):
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            always.before_micro_step(1)

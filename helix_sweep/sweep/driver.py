@@ -25,6 +25,7 @@ from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
 from helix_sweep.training import check_writable, storage_error
+from helix_sweep.training.packing import format_fraction
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
     run_dir = str(Path(config["storage_path"]) / name)
     r = spec.resources
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
+    if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
+        spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
     trainer = lambda spec: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": spec,
@@ -77,7 +80,18 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
         ),
     )
     try:
-        trainer(spec).fit()
+        result = trainer(spec).fit()
+        if use_gpu and spec.budget.gpu_fraction < 1 and result.return_value == S.OOM:
+            # Out of memory on a share of a GPU (a sharer may have grown, or the plan was tight): once
+            # more, on a whole GPU, before it counts as oom. Same Train run, so it resumes from the
+            # latest checkpoint and the worker reopens the trial's MLflow run, left open for this
+            # (worker.RayMlflowReporter.finish). The marker keeps a relaunch after a driver restart
+            # on the whole GPU. One refit here, in the Tune trial, instead of a second Tune pass:
+            # the trial's Tune state, searcher and results stay one trial.
+            log.warning("%s ran out of memory on %s of a GPU: retrying on a whole GPU", spec.key,
+                        format_fraction(spec.budget.gpu_fraction))
+            (Path(run_dir) / WHOLE_GPU).touch()
+            trainer(on_whole_gpu(spec)).fit()
     except Exception as exc:
         # the storage may have failed where the worker could not see it (Ray Train checking it or
         # its controller writing its record): one clear error, and the trial's run marked failed
@@ -90,10 +104,17 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
         raise
 
 
+WHOLE_GPU = "whole_gpu"  # in a trial's Train run directory: it ran out of memory packed, retried whole
+
+
 def worker_resources(spec: TrialSpec, use_gpu: bool) -> dict:
     """What each Train worker of the trial asks Ray for: its CPUs and, on a GPU cluster, its planned
     GPU share (spec.budget.gpu_fraction: a fraction packs it beside other trials on one GPU)."""
     return {"CPU": spec.resources.cpus_per_worker, **({"GPU": spec.budget.gpu_fraction} if use_gpu else {})}
+
+
+def on_whole_gpu(spec: TrialSpec) -> TrialSpec:
+    return replace(spec, budget=replace(spec.budget, gpu_fraction=max(1.0, spec.budget.gpu_fraction)))
 
 
 def fail_open_run(uri: str, spec: TrialSpec, reason: str) -> None:
@@ -245,9 +266,10 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     runnable = resolve_use_gpu(runnable, gpus)
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
     concurrent = max_concurrent(cfg, runnable, gpus)
-    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches on a GPU: %s",
+    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches @ GPU share: %s",
              gpus_now, gpus, len(runnable), concurrent,
-             ", ".join(f"{t.key}={t.budget.micro_batch}x{t.budget.grad_accum}" for t in runnable[:8])
+             ", ".join(f"{t.key}={t.budget.micro_batch}x{t.budget.grad_accum}@{format_fraction(t.budget.gpu_fraction)}"
+                       for t in runnable[:8])
              + (" ..." if len(runnable) > 8 else ""))
     param_space = {
         "tracking": {"uri": uri},
