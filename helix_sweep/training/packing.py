@@ -4,7 +4,7 @@ Pure functions over the cost model (helix_sweep.training.budget); no Ray, no tor
 
 - Calibration: a JSON file written on a GPU by benchmarks/packing.py (one per GPU model, in
   benchmarks/calibration/<gpu>.json), with, per trial shape (pattern, frontend, tokens, attention
-  impl, precision, scan impl), the measured seconds of one optimizer step at a batch, its peak and
+  impl, precision, scan impl, d_model, d_state), the measured seconds of one optimizer step at a batch, its peak and
   static memory, and the share of the step the GPU is busy (kernel time / wall time); and, for a
   few shapes, the clips/s of k trials packed on the one GPU. `step_cost` uses the measured figures
   where the file has the trial's shape (source "measured"), the cost model elsewhere ("modelled").
@@ -76,17 +76,17 @@ class Calibration:
 
     def lookup(self, t: budget.PlanTrial, scan_impl: str = "auto") -> Optional[Measured]:
         return self.steps.get(shape_key(t.pattern, t.frontend, t.tokens, t.attention_impl, t.precision,
-                                        self.scan_impl(scan_impl, t.pattern)))
+                                        self.scan_impl(scan_impl, t.pattern), t.d_model, t.d_state))
 
     def packed_ratio(self, t: budget.PlanTrial, k: int) -> Optional[float]:
         return self.packing.get((t.pattern, t.frontend, t.tokens), {}).get(k)
 
 
 def shape_key(pattern: str, frontend: str, tokens: int, attention_impl: str, precision: str,
-              scan_impl: str) -> tuple:
+              scan_impl: str, d_model: int = 256, d_state: int = 32) -> tuple:
     # attention_impl only matters where there is attention, the scan only where there is Mamba
     return (pattern, frontend, int(tokens), attention_impl if "A" in pattern else "-", precision,
-            scan_impl if "M" in pattern else "none")
+            scan_impl if "M" in pattern else "none", int(d_model), int(d_state))
 
 
 class CalibrationError(ValueError):
@@ -130,7 +130,8 @@ def parse_calibration(data: dict, path: str = "<calibration>") -> Calibration:
             m = Measured(int(e["batch"]), float(e["step_s"]), float(e["peak_gib"]), float(e.get("static_gib", 0.0)),
                          None if e.get("utilisation") is None else float(e["utilisation"]))
             key = shape_key(e["pattern"], e["frontend"], e["tokens"], e.get("attention_impl", "naive"),
-                            e.get("precision", "fp16"), e.get("scan_impl", "none"))
+                            e.get("precision", "fp16"), e.get("scan_impl", "none"), e.get("d_model", 256),
+                            e.get("d_state", 32))
         except (KeyError, TypeError, ValueError) as exc:
             raise CalibrationError(f"{where}: bad or missing field ({exc!r}); need pattern, frontend, tokens, "
                                    f"batch, step_s, peak_gib") from None
