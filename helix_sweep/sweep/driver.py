@@ -81,7 +81,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
     )
     try:
         result = trainer(spec).fit()
-        if use_gpu and spec.budget.gpu_fraction < 1 and result.return_value == S.OOM:
+        if use_gpu and spec.budget.gpu_fraction < 1 and getattr(result, "return_value", None) == S.OOM:
             # Out of memory on a share of a GPU (a sharer may have grown, or the plan was tight): once
             # more, on a whole GPU, before it counts as oom. Same Train run, so it resumes from the
             # latest checkpoint and the worker reopens the trial's MLflow run, left open for this
