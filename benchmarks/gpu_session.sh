@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# One-shot GPU session for the selective scan (issue 11), run from the repository root on a bare GPU
-# machine: `bash benchmarks/gpu_session.sh`. Everything it produces goes under $OUT (default ./gpu_out):
+# One-shot GPU session for the selective scan (issue 11) and packing (issue 15), run from the repository
+# root on a bare GPU machine: `bash benchmarks/gpu_session.sh`. Everything it produces goes under $OUT
+# (default ./gpu_out):
 #   env.txt           GPU, driver, torch/triton versions, what `python -m helix_sweep.models` resolves
 #   tests.log         tests/test_scan.py + tests/test_scan_triton.py on CUDA (Triton compiled, not interpreted)
 #   dispatch.log      tests/test_scan_dispatch.py and tests/test_ddp_gpu.py (NCCL: a 1-rank group, a 1-worker
 #                     trial killed and resumed); needs the training deps, skipped if they do not import
 #   mamba_build.log   only with BUILD_MAMBA=1: mamba-ssm's CUDA kernels built for this GPU, time-capped
 #   gpu_check.md/.log benchmarks/gpu_check.py (scan rows pure / triton / cuda-when-built, the six variants)
-# Knobs: PY (python3), PARTS ("tests dispatch check": which parts run), BUDGET_S (gpu_check budget, 200),
-# BUILD_MAMBA (0), BUILD_CAP_S (420). Caps: tests 180 s, dispatch 90 s, check BUDGET_S + 90 s, so the
-# default run ends within ~9.5 minutes (a device call allows 10); with BUILD_MAMBA=1 use
+#   packing.md/.log   benchmarks/packing.py: the study's shapes calibrated (step time, peak memory, GPU
+#                     busy share), then k = 1, 2, 4, 8 ESC-50-shaped trials at once on the GPU, per frontend
+#   calibration/<gpu>.json  the calibration file for that GPU (copy it to benchmarks/calibration/)
+# Knobs: PY (python3), PARTS ("tests dispatch check packing": which parts run), BUDGET_S (gpu_check
+# budget, 80), PACK_BUDGET_S (packing.py, calibration included, 170), CALIB_S (its calibration, 80),
+# BUILD_MAMBA (0), BUILD_CAP_S (420). Caps: tests 140 s, dispatch 70 s, check BUDGET_S + 50 s, packing
+# PACK_BUDGET_S + 40 s, so the default run ends within ~9.2 minutes (a device call allows 10); packing
+# alone: PARTS=packing PACK_BUDGET_S=400 CALIB_S=200 (~7 min). With BUILD_MAMBA=1 use
 # PARTS=check BUILD_CAP_S=240 BUDGET_S=150 (build + mamba test + gpu_check) in a second call.
 # Offline machines: put wheels in .whl/ (torch 2.11.0, pytest, ...; and the mamba-ssm / causal-conv1d
 # sdists plus nvidia-cuda-nvcc for BUILD_MAMBA=1) and carry it; pip then installs from there only.
@@ -17,8 +23,10 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 PY=${PY:-python3}
-BUDGET_S=${BUDGET_S:-200}
-PARTS=${PARTS:-tests dispatch check}
+BUDGET_S=${BUDGET_S:-80}
+PACK_BUDGET_S=${PACK_BUDGET_S:-170}
+CALIB_S=${CALIB_S:-80}
+PARTS=${PARTS:-tests dispatch check packing}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET  # compile the kernels for the GPU
 PIP=("$PY" -m pip install -q)
@@ -39,7 +47,7 @@ need omegaconf omegaconf
 } >"$OUT/env.txt" 2>&1
 
 if [[ " $PARTS " == *" tests "* ]]; then
-  timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_scan_triton.py \
+  timeout 140 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_scan_triton.py \
     --durations=10 >"$OUT/tests.log" 2>&1; echo "exit $?" >>"$OUT/tests.log"
 fi
 if [[ " $PARTS " == *" dispatch "* ]]; then
@@ -76,7 +84,13 @@ d = torch.device('cuda'); print(scan_impl_status(d)['cuda'], m(d))"
 fi
 
 if [[ " $PARTS " == *" check "* ]]; then
-  timeout $(( BUDGET_S + 90 )) "$PY" benchmarks/gpu_check.py --budget-s "$BUDGET_S" >"$OUT/gpu_check.log" 2>&1
+  timeout $(( BUDGET_S + 50 )) "$PY" benchmarks/gpu_check.py --budget-s "$BUDGET_S" >"$OUT/gpu_check.log" 2>&1
   echo "gpu_check exit $?" >>"$OUT/gpu_check.log"
+fi
+if [[ " $PARTS " == *" packing "* ]]; then
+  # writes $OUT/packing.md and $OUT/calibration/<gpu>.json; stops starting cases at PACK_BUDGET_S
+  timeout $(( PACK_BUDGET_S + 40 )) "$PY" benchmarks/packing.py --budget-s "$PACK_BUDGET_S" \
+    --calibrate-budget-s "$CALIB_S" --out-dir "$OUT/calibration" >"$OUT/packing.log" 2>&1
+  echo "packing exit $?" >>"$OUT/packing.log"
 fi
 tail -n 3 "$OUT"/*.log

@@ -57,7 +57,7 @@ class AugmentSettings:
 
 
 INJECT_KEYS = ("nan_at_step", "nan_from_step", "oom_at_step", "kill_at_step", "kill_marker", "sleep_per_step",
-               "sleep_before_finish", "trial", "per_trial", "rank")
+               "sleep_before_finish", "oom_marker", "trial", "per_trial", "rank")
 
 
 @dataclass
@@ -100,8 +100,14 @@ class ResourceConfig:
     num_workers: int = 1  # Ray Train workers (DDP) per trial
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    # GPUs per worker: "auto" (the planner packs a short trial onto 1/2, 1/4 or 1/8 of a GPU from its
+    # peak memory and GPU utilisation; helix_sweep.training.packing) or a number: in (0, 1] (a share
+    # of one GPU) or a whole number >= 1. Only on GPU clusters (resources.use_gpu).
+    gpus_per_worker: str = "auto"
     gpu_memory_gb: float = 48.0  # memory of one GPU: the planner's feasibility and micro-batch target
+    # CPUs a GPU node has per GPU (cluster.yaml: g6e.xlarge, 4 vCPUs per L40S): packing puts at most
+    # cpus_per_gpu / cpus_per_worker trials on one GPU, as many as Ray can place beside it
+    cpus_per_gpu: float = 4.0
 
 
 @dataclass
@@ -151,6 +157,17 @@ class SearchConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The planner's measured figures (helix_sweep.training.packing): a calibration file written on a
+    GPU by benchmarks/packing.py; trials it does not cover use the cost model (modelled)."""
+
+    gpu: str = "NVIDIA L40S"  # the cluster's GPU model, as torch names it (cluster.yaml: g6e.xlarge)
+    # auto: benchmarks/calibration/<gpu, lower case, spaces as '-'>.json when it exists | a file | none
+    calibration: str = "auto"
+    headroom: float = 1.5  # a packed trial's share of the GPU memory holds its peak x headroom
+
+
+@dataclass
 class SweepConfig:
     grid: str = "smoke"
     experiment: Optional[str] = None  # None -> helix-<grid>
@@ -180,6 +197,7 @@ class SweepConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     variant_defs: Dict[str, VariantDef] = field(default_factory=dict)
     dataset_defs: Dict[str, DatasetDef] = field(default_factory=dict)
     # train / model keys set on the command line: they win over a dataset's own overrides, which win
@@ -404,7 +422,7 @@ RANGES = {
     "train.augment.time_shift_s": (0, True), "train.augment.gain_min": (0, True),
     "train.augment.noise_std": (0, True), "train.augment.mixup_alpha": (0, True),
     "resources.num_workers": (1, True), "resources.cpus_per_worker": (0, False),
-    "resources.gpus_per_worker": (0, False), "resources.gpu_memory_gb": (0, False),
+    "resources.gpu_memory_gb": (0, False), "resources.cpus_per_gpu": (0, False), "plan.headroom": (1, True),
 }
 
 
@@ -428,6 +446,7 @@ def _check_bounds(obj: Any, section: str, where: str) -> None:
 def check_ranges(cfg: SweepConfig) -> None:
     _check_bounds(cfg, "", "")
     _check_bounds(cfg.search, "search", "search")
+    _check_bounds(cfg.plan, "plan", "plan")
 
 
 def check_model(m: ModelConfig, where: str) -> None:
@@ -494,6 +513,22 @@ def check_dataset(d: DatasetDef, where: str) -> None:
 
 def check_resources(r: ResourceConfig, where: str) -> None:
     _check_bounds(r, "resources", where)
+    gpus_per_worker(r, where)
+
+
+def gpus_per_worker(r: ResourceConfig, where: str = "resources") -> Optional[float]:
+    """resources.gpus_per_worker as a number, or None for "auto" (the planner's share)."""
+    value = str(r.gpus_per_worker).strip().lower()
+    if value == "auto":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not (0 < number <= 1 or (number >= 1 and number.is_integer())):
+        raise ConfigError(f"{where}.gpus_per_worker={r.gpus_per_worker}: expected auto, a share of one GPU "
+                          f"in (0, 1], or a whole number of GPUs >= 1")
+    return number
 
 
 def to_dict(cfg: Any) -> dict:
@@ -527,6 +562,9 @@ class TrialBudget:
     #                        (a grid's ruled_oom rule, the plan says it fits: status ruled_oom) or "";
     #                        with force_infeasible the trial runs anyway
     oom_reason: str = ""  # why, in words (the MLflow stop_reason of a planned_oom / ruled_oom trial)
+    # GPUs each worker asks Ray for on a GPU cluster: resources.gpus_per_worker if a number, else the
+    # planner's share (1, 1/2, 1/4, 1/8; helix_sweep.training.packing.gpu_fraction)
+    gpu_fraction: float = 1.0
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 
 from helix_sweep.config import ConfigError, load_config, parse_overrides, to_yaml
 from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
+from helix_sweep.training.packing import format_fraction
 
 
 def trial_table(trials) -> str:
@@ -18,14 +19,16 @@ def trial_table(trials) -> str:
     the worker's device and logged as the run's scan_impl param); `gpu prec` the precision it trains in
     on a GPU (train.precision, auto resolved by the plan; CPU trials run fp32); `plan` is its feasibility
     on one GPU of resources.gpu_memory_gb under its attention_impl and `micro x acc` the micro-batch x
-    gradient accumulation it gets there (on CPU: train.micro_batch, or the whole batch)."""
+    gradient accumulation it gets there (on CPU: train.micro_batch, or the whole batch); `workers` the
+    DDP workers x the GPUs each asks for on a GPU cluster (a share such as 1/4: packed beside other
+    trials on one GPU)."""
     head = ("trial", "variant", "pattern", "frontend", "dataset", "fold", "tokens", "pool", "epochs", "scan",
             "attn", "gpu prec", "workers", "plan", "micro x acc", "status")
     rows = [(t.key, t.variant, t.pattern, t.frontend, t.dataset, t.fold_label, str(t.tokens),
              str(t.pool_tokens or "all"),
              str(t.train.epochs) if t.train.stop_epoch == t.train.epochs else f"{t.train.stop_epoch}/{t.train.epochs}",
              t.model.scan_impl if "M" in t.pattern else "-", t.model.attention_impl if "A" in t.pattern else "-",
-             t.budget.precision or t.train.precision, f"{t.resources.num_workers}x{t.resources.gpus_per_worker:g}gpu",
+             t.budget.precision or t.train.precision, f"{t.resources.num_workers}x{format_fraction(t.budget.gpu_fraction)}gpu",
              f"{t.budget.feasibility}@{t.resources.gpu_memory_gb:g}GB",
              "-" if t.status != "run" else f"{t.budget.micro_batch} x {t.budget.grad_accum}", t.status)
             for t in trials]

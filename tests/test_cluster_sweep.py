@@ -74,7 +74,9 @@ def test_trials_spread_over_gpu_nodes_and_run_at_once(ray_env):
     try:
         nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         gpu_nodes = {n.node_id for n in nodes}
-        driver = start(workdir, *TINY, "variants=[helix-mel,attention-mel]", f"ray_address={cluster.address}")
+        # one whole GPU per trial (no packing: this test is about spreading over nodes)
+        driver = start(workdir, *TINY, "variants=[helix-mel,attention-mel]", "resources.gpus_per_worker=1",
+                       f"ray_address={cluster.address}")
         while driver.poll() is None:  # watch the workers while the sweep runs
             alive = {a.node_id for a in train_workers(cluster.address) if a.state == "ALIVE"}
             seen_alive.append(alive)

@@ -55,3 +55,16 @@ def test_inject_keys_are_checked_before_a_sweep(inject, needle):
         load_config([f"train.inject={inject}"])
     assert needle in str(err.value)
     load_config(["resources.num_workers=2", "train.inject={rank: 1, sleep_per_step: 0.1}"])  # valid
+
+
+def test_oom_once_with_a_marker(tmp_path):
+    faults = Faults({"oom_at_step": 1, "oom_marker": str(tmp_path / "oom")}, "a/b/c")
+    faults.before_micro_step(0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        faults.before_micro_step(1)
+    faults.before_micro_step(1)  # the marker says it already ran out of memory at step 1: not again
+    assert (tmp_path / "oom.1").exists()
+    always = Faults({"oom_at_step": 1}, "a/b/c")
+    for _ in range(2):
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            always.before_micro_step(1)

@@ -24,7 +24,7 @@ from helix_sweep.sweep import experiment, runs, tracking
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
-from helix_sweep.training import check_writable, storage_error
+from helix_sweep.training import check_writable, format_fraction, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,15 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
     run_dir = str(Path(config["storage_path"]) / name)
     r = spec.resources
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
-    trainer = lambda: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
+    if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
+        spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
+    trainer = lambda spec: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": spec,
                            "tracking": {**config["tracking"], "run_dir": run_dir},
                            "threads": max(1, int(r.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=worker_resources(spec, use_gpu)),
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
         torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
         run_config=RunConfig(
@@ -78,7 +80,18 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
         ),
     )
     try:
-        trainer().fit()
+        result = trainer(spec).fit()
+        if use_gpu and spec.budget.gpu_fraction < 1 and getattr(result, "return_value", None) == S.OOM:
+            # Out of memory on a share of a GPU (a sharer may have grown, or the plan was tight): once
+            # more, on a whole GPU, before it counts as oom. Same Train run, so it resumes from the
+            # latest checkpoint and the worker reopens the trial's MLflow run, left open for this
+            # (worker.RayMlflowReporter.finish). The marker keeps a relaunch after a driver restart
+            # on the whole GPU. One refit here, in the Tune trial, instead of a second Tune pass:
+            # the trial's Tune state, searcher and results stay one trial.
+            log.warning("%s ran out of memory on %s of a GPU: retrying on a whole GPU", spec.key,
+                        format_fraction(spec.budget.gpu_fraction))
+            (Path(run_dir) / WHOLE_GPU).touch()
+            trainer(on_whole_gpu(spec)).fit()
     except Exception as exc:
         # the storage may have failed where the worker could not see it (Ray Train checking it or
         # its controller writing its record): one clear error, and the trial's run marked failed
@@ -89,6 +102,19 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
             fail_open_run(config["tracking"]["uri"], spec, str(error))
             raise error from exc
         raise
+
+
+WHOLE_GPU = "whole_gpu"  # in a trial's Train run directory: it ran out of memory packed, retried whole
+
+
+def worker_resources(spec: TrialSpec, use_gpu: bool) -> dict:
+    """What each Train worker of the trial asks Ray for: its CPUs and, on a GPU cluster, its planned
+    GPU share (spec.budget.gpu_fraction: a fraction packs it beside other trials on one GPU)."""
+    return {"CPU": spec.resources.cpus_per_worker, **({"GPU": spec.budget.gpu_fraction} if use_gpu else {})}
+
+
+def on_whole_gpu(spec: TrialSpec) -> TrialSpec:
+    return replace(spec, budget=replace(spec.budget, gpu_fraction=max(1.0, spec.budget.gpu_fraction)))
 
 
 def fail_open_run(uri: str, spec: TrialSpec, reason: str) -> None:
@@ -173,15 +199,16 @@ def resolve_use_gpu(trials: list[TrialSpec], gpus: float) -> list[TrialSpec]:
 def max_concurrent(cfg: SweepConfig, trials: list[TrialSpec], gpus: float | None = None,
                    cpus: float | None = None) -> int:
     """As many trials as the cluster's GPUs (or CPUs, for CPU trials) can hold at once: the
-    smallest trial's share decides, so the cap never leaves a GPU idle while trials wait; Ray
-    queues what does not fit. gpus/cpus default to what the cluster has (or can reach)."""
+    smallest trial's share (workers x GPU share each) decides, so the cap never leaves a GPU idle
+    while trials wait; Ray queues what does not fit. gpus/cpus default to what the cluster has (or
+    can reach)."""
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
     gpus = cluster_gpus()[1] if gpus is None else gpus
     cpus = float(ray.cluster_resources().get("CPU", 1)) if cpus is None else cpus
-    on_gpu = [t.resources for t in trials if uses_gpu(t.resources, gpus)]
-    if on_gpu:
-        return max(1, int(gpus // min(r.num_workers * r.gpus_per_worker for r in on_gpu)))
+    on_gpu = [t for t in trials if uses_gpu(t.resources, gpus)]
+    if on_gpu:  # packed trials (a GPU share < 1) let more trials run than there are GPUs
+        return max(1, int(gpus / min(t.resources.num_workers * t.budget.gpu_fraction for t in on_gpu) + 1e-9))
     return max(1, int(cpus // min(t.resources.num_workers * t.resources.cpus_per_worker for t in trials)))
 
 
@@ -241,9 +268,10 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     runnable = resolve_use_gpu(runnable, gpus)
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
     concurrent = max_concurrent(cfg, runnable, gpus)
-    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches on a GPU: %s",
+    log.info("cluster: %g GPUs now, %g reachable; %d trials, up to %d at once; micro-batches @ GPU share: %s",
              gpus_now, gpus, len(runnable), concurrent,
-             ", ".join(f"{t.key}={t.budget.micro_batch}x{t.budget.grad_accum}" for t in runnable[:8])
+             ", ".join(f"{t.key}={t.budget.micro_batch}x{t.budget.grad_accum}@{format_fraction(t.budget.gpu_fraction)}"
+                       for t in runnable[:8])
              + (" ..." if len(runnable) > 8 else ""))
     param_space = {
         "tracking": {"uri": uri},

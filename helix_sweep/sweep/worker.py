@@ -31,7 +31,7 @@ from helix_sweep import training
 from helix_sweep.config import TrialSpec, to_yaml
 from helix_sweep.sweep import schema as S
 from helix_sweep.training import (
-    CheckpointStorageError, EpochResult, Progress, TrialReport, run_training, save_state,
+    CheckpointStorageError, EpochResult, Progress, TrialReport, format_fraction, run_training, save_state,
 )
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,26 @@ class RayMlflowReporter:
                 self.best_model = {k: v.detach().clone() for k, v in state["model"].items()}
 
     def finish(self, progress: Progress, trial: TrialReport) -> None:
+        if self.retried_on_whole_gpu(progress, trial):
+            return
         if not self.reported:  # relaunched after its end: Tune's scheduler and searcher still need a result
             ray.train.report(self.tune_metrics(progress, None), checkpoint=None)
         if trial.stop_reason:
             self.stop_reason = trial.stop_reason
         self.close(progress)
+
+    def retried_on_whole_gpu(self, progress: Progress, trial: TrialReport) -> bool:
+        """Out of memory on a share of a GPU does not end the trial: the Tune trial fits it again on a
+        whole GPU (driver.train_trial reads the status train_worker returns), resuming this run, so
+        the run stays open, with the reason noted."""
+        if progress.status != S.OOM or not packed(self.spec):
+            return False
+        if self.rank == 0 and self.run is not None:
+            run = self.run
+            note = f"out of memory on {format_fraction(self.spec.budget.gpu_fraction)} of a GPU, retried on a " \
+                   f"whole GPU: {trial.stop_reason}"
+            run.buffer.add("the packed oom note", lambda: run.client.set_tag(run.run_id, S.PACKED_OOM, note[:5000]))
+        return True
 
     def close(self, progress: Progress) -> None:
         """End the MLflow run with the trial's status, once (the final commit or finish, whichever first)."""
@@ -212,8 +227,14 @@ def run_params(spec: TrialSpec, trial: TrialReport, world_size: int) -> dict:
     }
 
 
-def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker."""
+def packed(spec: TrialSpec) -> bool:
+    """The trial's worker runs on a share of a GPU, beside other trials."""
+    return str(spec.resources.use_gpu).lower() == "true" and spec.budget.gpu_fraction < 1
+
+
+def train_worker(config: dict) -> str:
+    """Ray Train's train_loop_per_worker; returns the trial's status (rank 0's reaches the driver
+    as the Train result's return_value)."""
     logging.basicConfig(level=logging.INFO)
     spec: TrialSpec = config["trial"]
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
@@ -222,3 +243,4 @@ def train_worker(config: dict) -> None:
     progress = run_training(spec, reporter)
     log.info("%s: %s after %.0f s (best test acc %.4f)", spec.key, progress.status,
              time.monotonic() - started, progress.best_test_acc)
+    return progress.status

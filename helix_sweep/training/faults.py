@@ -1,7 +1,8 @@
 """Fault injection for the tests (train.inject): one object per trial, one call per fault kind.
 
 train.inject keys: nan_at_step, nan_from_step (a non-finite loss), oom_at_step (a CUDA out-of-memory
-error), kill_at_step (a step or a list) + kill_marker (a path prefix: SIGKILL the worker once per
+error; with oom_marker, a path prefix, only the first time at each step, marked by <prefix>.<step>),
+kill_at_step (a step or a list) + kill_marker (a path prefix: SIGKILL the worker once per
 step, marked by <prefix>.<step>), sleep_per_step and sleep_before_finish (seconds, after the final
 report); trial: only trials whose key contains it; per_trial: {key part: {fault: step}}; rank: only
 that DDP rank of a multi-worker trial (a slow rank, a NaN or a kill on one rank).
@@ -46,8 +47,8 @@ class Faults:
             time.sleep(float(self._get("sleep_per_step")))
 
     def before_micro_step(self, step: int) -> None:
-        """oom_at_step: raise CUDA's out-of-memory error."""
-        if self._at("oom_at_step", step):
+        """oom_at_step: raise CUDA's out-of-memory error (once per step with oom_marker)."""
+        if self._at("oom_at_step", step) and _first_time(self._get("oom_marker"), step):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected for a test)")
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
@@ -61,6 +62,18 @@ class Faults:
         """sleep_before_finish: widen the gap a scheduler's stop can fall into."""
         if self._get("sleep_before_finish"):
             time.sleep(float(self._get("sleep_before_finish")))
+
+
+def _first_time(marker: Optional[str], step: int) -> bool:
+    """True without a marker; with one, only the first time at this step (its file records it)."""
+    if not marker:
+        return True
+    path = f"{marker}.{step}"
+    if os.path.exists(path):
+        return False
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def _kill_once(marker: str) -> None:
