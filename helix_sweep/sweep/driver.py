@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ import ray
 from ray import tune
 
 from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_yaml
-from helix_sweep.sweep import experiment, runs, tracking
+from helix_sweep.sweep import experiment, ray_runtime, runs, tracking
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
@@ -134,12 +133,6 @@ def trial_name(trial) -> str:
     return sample_key(trial.config["trial_key"], trial.config).replace("/", "__")
 
 
-# Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the
-# poll: short epochs (the smoke grid, the tests) spend most of their time there; 0.5 s costs nothing.
-# Its preemption watcher is one more actor process per trial that only logs node drains (we never
-# read ray.train.get_preemption_info; a drained node's trial resumes from its checkpoint anyway).
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-             "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` puts the cluster YAML on the head
 
 
@@ -263,7 +256,7 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
         # the dashboard serves the state API that Ray Train uses to watch its controllers
         # "local": a fresh local runtime, never someone else's cluster on the same machine
         ray.init(address=cfg.ray_address or "local", log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **TRAIN_ENV}})
+                 runtime_env=ray_runtime.runtime_env())
     gpus_now, gpus = cluster_gpus(autoscaling=cfg.ray_address is not None)  # a local Ray cannot grow
     runnable = resolve_use_gpu(runnable, gpus)
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in

@@ -1,0 +1,67 @@
+"""A sweep's Ray workers find their own cluster's state API with a second Ray instance on the machine
+(helix_sweep.sweep.ray_runtime): Ray Train's placement-group cleaner depends on it, and without it a
+trial that Tune stops leaves its placement group behind and the next trials wait forever."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PROBE = textwrap.dedent("""
+    import sys
+    import ray
+    from helix_sweep.sweep.ray_runtime import runtime_env
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def own_state(self):  # what Ray Train's PlacementGroupCleaner asks about its controller
+            from ray.util.state import get_actor
+            try:
+                return get_actor(ray.get_runtime_context().get_actor_id()).state
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+
+    pinned = sys.argv[1] == "pinned"
+    ray.init(address="local", num_cpus=1, runtime_env=runtime_env() if pinned else {})
+    print("STATE", ray.get(Probe.remote().own_state.remote()))
+""")
+
+
+@pytest.fixture
+def other_ray():
+    """Another Ray instance on this machine, as a second sweep or a test cluster would be (in a short
+    temp folder: Ray's socket paths must fit 107 bytes)."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="hxray-"))
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=0",
+                    f"--temp-dir={tmp_path / 'ray'}", "--include-dashboard=false"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield
+    finally:  # only this instance's processes: other Ray instances on the machine are not ours
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path / "ray")], capture_output=True)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# unpinned: the failure the hook prevents (so the test can tell them apart); outside CI, it costs a ray.init
+@pytest.mark.parametrize("mode,expected", [("pinned", "STATE ALIVE"),
+                                           pytest.param("unpinned", "multiple active Ray instances",
+                                                        marks=pytest.mark.slow)])
+def test_workers_ask_their_own_cluster_with_another_ray_running(other_ray, tmp_path, mode, expected):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("STATE")]
+    assert expected in line, line
