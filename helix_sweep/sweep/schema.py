@@ -9,7 +9,8 @@ One experiment per sweep. In it:
   (step = number of finished folds);
 - a trial run per trial, named after its trial key `<dataset>/<variant>/fold<k>` (or `/split`),
   nested under its parent (tag mlflow.parentRunId), tags kind=trial, trial_key, dataset, variant,
-  fold, status, resumes, hardware, stop_reason (when it did not finish); params the trial's settings;
+  fold, status, resumes, hardware, stop_reason (when it did not finish), tracking_errors (when MLflow
+  refused a write); params the trial's settings;
   metrics per epoch with step = epoch (EPOCH_METRICS), then epochs_done and best_test_acc_final.
 """
 
@@ -30,6 +31,7 @@ STATUS = "status"
 RESUMES = "resumes"  # how many times the trial's workers restarted from a checkpoint
 STOP_REASON = "stop_reason"
 HARDWARE = "hardware"
+TRACKING_ERRORS = "tracking_errors"  # writes MLflow refused (a rejected value, a full artifact disk), skipped
 FOLDS_PLANNED = "folds_planned"  # on a parent: the folds the sweep will run, comma-separated
 FOLDS_DONE = "folds_done"  # on a parent: the finished folds its aggregates cover
 # MLflow 3's UI opens an experiment on its GenAI trace overview unless the experiment says it holds
