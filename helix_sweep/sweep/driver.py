@@ -286,15 +286,18 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     except Exception as exc:
         if not is_outage(exc):
             raise
+        table = None
         print(f"helix_sweep: MLflow at {uri} became unreachable ({str(exc).splitlines()[0][:300]}); no results "
-              f"table. Final statuses not yet in MLflow wait in the trials' {trial_run.PENDING_FILE} files: run the same "
-              f"command (or resume={exp_dir.name}) or python -m helix_sweep.report once it is back.")
-        return 3
-    write_results(exp_dir, table)
-    print(format_table(table))
+              f"table. Final statuses not yet in MLflow wait in the trials' {trial_run.PENDING_FILE} files: run "
+              f"the same command (or resume={exp_dir.name}) or python -m helix_sweep.report once it is back.")
+    if table is not None:
+        write_results(exp_dir, table)
+        print(format_table(table))
     errored = [r for r in grid if r.error is not None]
     for result in errored:
         print(f"errored: {sample_key(result.config['trial_key'], result.config)}: {error_summary(result.error)}")
+    if table is None:
+        return 3
     print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
     return 1 if errored else 0
 

@@ -9,8 +9,9 @@ temp files'), or the write itself failed before any request (a bug or bad data o
 `OutageBuffer` delivers writes in order. At an outage it stops and keeps that write and everything
 after it for the next flush (order matters: a run is opened before it is logged to); a permanent
 error is logged, counted and the write dropped, so one bad value never blocks the writes behind it.
-While the server is away, flushes triggered by new writes are spaced `retry_s` apart, so a host
-that times out (rather than refusing) does not stall training at every write.
+While the server is away, `poll` (what new writes trigger) tries again only after a back-off
+(retry_s, doubling up to MAX_RETRY_S), so a host that times out rather than refusing does not stall
+training at every write; `flush` and `drain` always try.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno
                     errno.ENAMETOOLONG}
 PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large")
 RETRY_STATUSES = {408, 429}  # HTTP 4xx that mean "later", not "no"
+MAX_RETRY_S = 300.0
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -89,11 +91,19 @@ class OutageBuffer(Generic[T]):
         self.errors = 0  # permanent errors skipped so far
         self.down_since: Optional[float] = None
         self.last_try = 0.0
+        self.outages = 0  # flushes in a row stopped by an outage
 
     def add(self, write: T) -> None:
         self.pending.append(write)
-        if self.down_since is None or time.monotonic() - self.last_try >= self.retry_s:
-            self.flush()
+        self.poll()
+
+    def poll(self) -> bool:
+        """Flush unless the server was away at the last try and its back-off has not passed."""
+        if self.down_since is not None:
+            wait = min(self.retry_s * 2 ** max(self.outages - 1, 0), MAX_RETRY_S)
+            if time.monotonic() - self.last_try < wait:
+                return False
+        return self.flush()
 
     def flush(self) -> bool:
         """Deliver what is pending, in order; False when an outage stopped it (the rest stays)."""
@@ -104,6 +114,7 @@ class OutageBuffer(Generic[T]):
                 self.deliver(write)
             except Exception as exc:
                 if is_outage(exc):
+                    self.outages += 1
                     if self.down_since is None:
                         self.down_since = time.monotonic()
                         log.warning("MLflow unreachable (%s while logging %s: %s); buffering, training goes on",
@@ -113,6 +124,7 @@ class OutageBuffer(Generic[T]):
                 log.error("MLflow refused %s (%s: %s); skipped, later writes go on (%d such errors)",
                           self.describe(write), type(exc).__name__, _first_line(exc), self.errors)
             self.pending.pop(0)
+        self.outages = 0
         if self.down_since is not None:
             log.info("MLflow reachable again after %.0f s; buffered writes delivered", time.monotonic() - self.down_since)
             self.down_since = None

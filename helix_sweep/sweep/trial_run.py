@@ -172,8 +172,9 @@ class TrialRun:
         if not self.buffer.down_since:
             self._sync_error_count()
 
-    def flush(self) -> bool:
-        ok = self.buffer.flush()
+    def flush(self, now: bool = True) -> bool:
+        """Deliver what waits (with now=False only once the back-off after an outage has passed)."""
+        ok = self.buffer.flush() if now else self.buffer.poll()
         if ok:
             self._sync_error_count()
         return ok

@@ -185,7 +185,7 @@ class RayMlflowReporter:
         if self.run is None:
             return
         if epoch is None:
-            self.run.flush()
+            self.run.flush(now=False)
             return
         self.run.log_epochs([dict(progress.history[-1])])
         if epoch.is_best:
