@@ -75,13 +75,13 @@ def load_sweep(client: MlflowClient, experiment: str, histories: bool = True) ->
 def load_from(uri: str, experiment: str | None = None, pending_root: Optional[Path] = None) -> Sweep:
     """The sweep at tracking `uri`: `experiment`, or the only experiment there with trial runs.
 
-    With `pending_root` (the work directory's experiments folder), writes that trials could not
-    deliver at their end (the server was away: their final status among them) are delivered first,
-    so no ended trial shows as running."""
+    With `pending_root` (the work directory's experiments folder), writes that trials logging to
+    this host could not deliver at their end (the server was away: their final status among them)
+    are delivered first, so no ended trial shows as running."""
     client = MlflowClient(uri)
     name = experiment or pick_experiment(client)
     if pending_root is not None:
-        done, left = deliver_pending(uri, pending_root, name)
+        done, left = deliver_pending(uri, pending_root, name, same_host=True)
         if done or left:
             log.info("pending MLflow writes of %s: %d trials delivered, %d still waiting", name, done, left)
     return load_sweep(client, name)

@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -278,7 +279,7 @@ class TrialRun:
 
     # ---------------------------------------------------------------- the pending file
     def record(self) -> dict:
-        return {"experiment": self.experiment, "trial_key": self.trial_key, "dataset": self.dataset,
+        return {"uri": self.uri, "experiment": self.experiment, "trial_key": self.trial_key, "dataset": self.dataset,
                 "variant": self.variant, "fold": self.fold, "run_id": self.run_id,
                 "tracking_errors": self.buffer.errors, "writes": [asdict(w) for w in self.buffer.pending]}
 
@@ -338,17 +339,24 @@ def pending_files(root: Path) -> list[Path]:
     return sorted(Path(root).rglob(PENDING_FILE)) if Path(root).is_dir() else []
 
 
-def deliver_pending(uri: str, root: Path, experiment: Optional[str] = None) -> tuple[int, int]:
+def deliver_pending(uri: str, root: Path, experiment: Optional[str] = None, same_host: bool = False
+                    ) -> tuple[int, int]:
     """Deliver the pending files under `root` (only those of `experiment`, if given) to `uri`.
 
-    A file whose writes all arrive (or were refused) is removed; one cut off by an outage keeps what
-    is left for the next try. Returns (files delivered, files left)."""
+    same_host: only files a trial wrote while logging to `uri`'s host (the report, which may be
+    pointed at another server holding an experiment of the same name; a local server back on
+    another port is the same host). The driver delivers its own experiment's files wherever the
+    trials logged before: they log where it says now. A file whose writes all arrive (or were
+    refused) is removed; one cut off by an outage keeps what is left for the next try.
+    Returns (files delivered, files left)."""
+    host = urllib.parse.urlparse(uri).hostname
     done = left = 0
     for path in pending_files(root):
         try:
             with FileLock(str(path) + ".lock", timeout=0):  # another process delivers it right now
                 rec = _read(path)
-                if not rec or (experiment is not None and rec.get("experiment") != experiment):
+                if not rec or (experiment is not None and rec.get("experiment") != experiment) or \
+                        (same_host and urllib.parse.urlparse(rec.get("uri", "")).hostname != host):
                     continue
                 run = TrialRun(uri, rec["experiment"], rec["trial_key"], rec["dataset"], rec["variant"], rec["fold"],
                                run_dir=path.parent, run_id=rec.get("run_id", ""))
