@@ -64,6 +64,7 @@ def test_refused_write_is_skipped_and_counted(mlflow_server, tmp_path):
     assert got.data.tags[S.STATUS] == S.FINISHED and got.info.status == "FINISHED"
     assert history(mlflow_server.uri, run_id) == [1, 2] and got.data.params["lr"] == "0.01"
     assert not (tmp_path / PENDING_FILE).exists()
+    assert run.record()["tracking_errors"] == 0  # a pending file would not count them again
 
     # a restart of the trial keeps counting from the run's tag
     again = TrialRun(mlflow_server.uri, name, *KEY, run_dir=tmp_path, run_id=run_id)

@@ -126,7 +126,8 @@ class OutageBuffer(Generic[T]):
             self.pending.pop(0)
         self.outages = 0
         if self.down_since is not None:
-            log.info("MLflow reachable again after %.0f s; buffered writes delivered", time.monotonic() - self.down_since)
+            log.info("MLflow reachable again after %.0f s; buffered writes delivered",
+                     time.monotonic() - self.down_since)
             self.down_since = None
         return True
 

@@ -131,7 +131,8 @@ class TrialRun:
                 continue
             self.queued.add(epoch)
             metrics = {k: float(entry[k]) for k in S.EPOCH_METRICS if k in entry}
-            self.add(Write("epoch", {"epoch": epoch, "metrics": metrics, "ts": int(entry.get("_ts", time.time() * 1000))}))
+            ts = int(entry.get("_ts", time.time() * 1000))
+            self.add(Write("epoch", {"epoch": epoch, "metrics": metrics, "ts": ts}))
 
     def log_artifacts(self, confusion, label_names: list[str]) -> None:
         import numpy as np
@@ -279,9 +280,10 @@ class TrialRun:
 
     # ---------------------------------------------------------------- the pending file
     def record(self) -> dict:
-        return {"uri": self.uri, "experiment": self.experiment, "trial_key": self.trial_key, "dataset": self.dataset,
-                "variant": self.variant, "fold": self.fold, "run_id": self.run_id,
-                "tracking_errors": self.buffer.errors, "writes": [asdict(w) for w in self.buffer.pending]}
+        unsynced = self.errors_before + self.buffer.errors - self.errors_logged  # not yet in the run's tag
+        return {"uri": self.uri, "experiment": self.experiment, "trial_key": self.trial_key,
+                "dataset": self.dataset, "variant": self.variant, "fold": self.fold, "run_id": self.run_id,
+                "tracking_errors": unsynced, "writes": [asdict(w) for w in self.buffer.pending]}
 
     def save_pending(self) -> Optional[Path]:
         """Append the undelivered writes to the trial's pending file; returns its path."""
