@@ -10,8 +10,8 @@ Whole sweeps (`python -m helix_sweep.run` as a subprocess):
 - MLflow down before the trial starts and back after two epochs: one run, every epoch once, finished;
 - MLflow down at the trial's end for longer than the worker waits: the run ends with its status at
   the next `report` (and the next `run`);
-- a restored sweep whose server came back on another port logs to the new one;
-- oom and diverged trials relaunched after their end report their status again without training.
+- a restored sweep whose server came back on another port logs to the new one, and its oom and
+  diverged trials, relaunched after their end, report their status again without training.
 """
 
 from __future__ import annotations
@@ -221,13 +221,31 @@ def test_server_down_at_trial_end_delivered_by_next_command(workdir, base, next_
     assert not list(workdir.rglob(PENDING_FILE))
 
 
-def test_restored_sweep_logs_to_the_server_on_its_new_port(workdir, base):
-    args = [*base, "train.epochs=3", "train.inject={sleep_per_step: 0.5}", "tracking_wait_s=5"]
+def test_restored_sweep_on_a_new_port_logs_there_and_relaunched_oom_diverged_do_not_train(workdir, base):
+    """Three trials at once (half a CPU each). helix-mel diverges and attention-mel runs out of
+    memory in epoch 2, then both sleep before their end; mamba-mel trains slowly. The driver dies
+    with all three running in Tune's state, and the tracking server comes back on another port.
+    The same command then relaunches all three: mamba-mel resumes and logs to the new port; the
+    other two report their status again from their final checkpoints without training."""
+    args = [*base, "variants=[helix-mel,attention-mel,mamba-mel]", "resources.cpus_per_worker=0.5",
+            "train.max_nonfinite_steps=3", "tracking_wait_s=5",
+            "train.inject={per_trial: {helix-mel: {nan_from_step: 7, sleep_before_finish: 300}, "
+            "attention-mel: {oom_at_step: 8, sleep_before_finish: 300}, mamba-mel: {sleep_per_step: 2.0}}}"]
     driver = start(workdir, *args)
     try:
-        wait_for(lambda: any(epochs_logged(workdir, r) for r in trial_runs(workdir)), 300, "epoch 1 logged", poll=0.3)
+        def ended_and_midway():
+            runs = {r.data.tags["variant"]: r for r in trial_runs(workdir)}
+            ended = {v: r.data.tags["status"] for v, r in runs.items() if r.info.status != "RUNNING"}
+            return ended == {"helix-mel": "diverged", "attention-mel": "oom"} and \
+                epochs_logged(workdir, runs["mamba-mel"]) == [1] and runs
+        before = wait_for(ended_and_midway, 600, "a diverged, an oom and a mid-way trial", poll=0.5)
     finally:
         kill_group(driver)
+    ended_ckpts = lambda: {p.name for v in ("helix-mel", "attention-mel")  # noqa: E731
+                           for p in workdir.glob(f"experiments/*/trials/synth-commands__{v}__split/epoch*")}
+    ckpts = ended_ckpts()
+    assert {n.split("-", 1)[1] for n in ckpts if n.endswith("-final")} == {"step00000008-final",
+                                                                           "step00000010-final"}, ckpts
     old = server_status(workdir)
     stop_tracking_server(workdir)
     with socket.socket() as s:
@@ -239,42 +257,18 @@ def test_restored_sweep_logs_to_the_server_on_its_new_port(workdir, base):
     done = run(workdir, *args)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
-    assert "restoring experiment" in out and "resuming at epoch" in out
-    assert "MLflow unreachable" not in out and not list(workdir.rglob(PENDING_FILE))  # straight to the new port
-    [r] = trial_runs(workdir)
-    assert r.data.tags["status"] == "finished" and int(r.data.tags["resumes"]) >= 1
-    assert epochs_logged(workdir, r) == [1, 2, 3]
-
-
-def test_oom_and_diverged_relaunched_report_status_without_training(workdir, base):
-    # 6 steps an epoch: both end in epoch 2, then sleep before their end so that the driver dies
-    # with them still running in Tune's state, and the next run relaunches them
-    args = [*base, "variants=[helix-mel,attention-mel]", "train.max_nonfinite_steps=3",
-            "train.inject={sleep_before_finish: 120, per_trial: {helix-mel: {nan_from_step: 7}, "
-            "attention-mel: {oom_at_step: 8}}}"]
-    driver = start(workdir, *args)
-    try:
-        def both_ended():
-            runs = {r.data.tags["variant"]: r for r in trial_runs(workdir)}
-            ended = {v: r.data.tags["status"] for v, r in runs.items() if r.info.status != "RUNNING"}
-            return ended == {"helix-mel": "diverged", "attention-mel": "oom"} and runs
-        before = wait_for(both_ended, 400, "a diverged and an oom trial", poll=0.5)
-    finally:
-        kill_group(driver)
-    ckpts = {p.name for p in workdir.glob("experiments/*/trials/*/epoch*")}
-    assert {n.split("-", 1)[1] for n in ckpts if n.endswith("-final")} == {"step00000008-final",
-                                                                           "step00000010-final"}, ckpts
-
-    done = run(workdir, *args)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-3000:]
+    assert "restoring experiment" in out and "resuming at epoch 1" in out
     assert "relaunched after it ended (diverged)" in out and "relaunched after it ended (oom)" in out
+    assert "MLflow unreachable" not in out and not list(workdir.rglob(PENDING_FILE))  # straight to the new port
     after = {r.data.tags["variant"]: r for r in trial_runs(workdir)}
-    for variant, r in before.items():
-        a = after[variant]
+    resumed = after["mamba-mel"]
+    assert resumed.info.run_id == before["mamba-mel"].info.run_id and int(resumed.data.tags["resumes"]) >= 1
+    assert resumed.data.tags["status"] == "finished" and epochs_logged(workdir, resumed) == [1, 2]
+    for variant in ("helix-mel", "attention-mel"):  # untouched: same run, end, status, reason, curve
+        a, b = after[variant], before[variant]
         assert (a.info.run_id, a.info.end_time, a.data.tags["status"], a.data.tags["resumes"]) == \
-            (r.info.run_id, r.info.end_time, r.data.tags["status"], r.data.tags["resumes"])
+            (b.info.run_id, b.info.end_time, b.data.tags["status"], b.data.tags["resumes"])
+        assert a.data.tags["stop_reason"] == b.data.tags["stop_reason"] != ""
         assert epochs_logged(workdir, a) == [1]
-        assert a.data.tags["stop_reason"] == r.data.tags["stop_reason"] != ""
-    assert {p.name for p in workdir.glob("experiments/*/trials/*/epoch*")} == ckpts  # nothing trained
+    assert ended_ckpts() == ckpts  # nothing trained
     assert "| synth-commands | helix-mel | — | 0/1 | diverged |" in done.stdout
