@@ -5,13 +5,14 @@ In process (seconds):
 - a write MLflow refuses is skipped and counted in the run's tracking_errors tag; later writes arrive;
 - outages and refusals are told apart on the exceptions MLflow really raises;
 - a trial run opened, logged and closed while its server is away leaves one pending file, which
-  deliver_pending turns into one run with every epoch and its end status, once.
+  deliver_pending turns into one run with every epoch and its end status, once;
+- oom and diverged are in the trial's final checkpoint: a relaunch from it trains nothing.
 Whole sweeps (`python -m helix_sweep.run` as a subprocess):
 - MLflow down before the trial starts and back after two epochs: one run, every epoch once, finished;
 - MLflow down at the trial's end for longer than the worker waits: the run ends with its status at
   the next `report` (and the next `run`);
-- a restored sweep whose server came back on another port logs to the new one, and its oom and
-  diverged trials, relaunched after their end, report their status again without training.
+- a restored sweep whose server came back on another port logs to the new one, and its oom trial,
+  relaunched after its end, reports its status again without training.
 """
 
 from __future__ import annotations
@@ -27,14 +28,31 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from helix_sweep.run import plan_trials
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.outage import is_outage
 from helix_sweep.sweep.tracking import ensure_tracking_server, server_status, stop_tracking_server
 from helix_sweep.sweep.trial_run import PENDING_FILE, TrialRun, deliver_pending, pending_files
+from helix_sweep.training import require_prepared
+from helix_sweep.training.loop import run_training
 from mlflow_server import mlflow_server  # noqa: F401  (session fixture: a real server)
 from sweep_process import client_for, env_for, kill_group, run, start, trial_runs, wait_for
 
 KEY = ("synth-commands/helix-mel/split", "synth-commands", "helix-mel", "split")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> list[str]:
+    """The sweep arguments every test here starts from: one trial of synth-commands (6 steps an
+    epoch), its data shared by the module's sweeps (the first generates it, ~20 s on a loaded machine)."""
+    return ["datasets=[synth-commands]", "variants=[helix-mel]", "train.epochs=2", "train.batch_size=100",
+            f"data_root={tmp_path_factory.mktemp('data')}"]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    yield tmp_path
+    stop_tracking_server(tmp_path)
 
 
 def dead_uri() -> str:
@@ -122,23 +140,49 @@ def test_trial_run_through_an_outage_is_delivered_later(mlflow_server, tmp_path)
     assert history(mlflow_server.uri, got.info.run_id, S.EPOCHS_DONE) == [0]
 
 
+class Recorder:
+    """The Reporter protocol in memory (no Ray, no MLflow): what a trial commits and how it ends."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, state=None):
+        self.state, self.commits, self.finished = state, [], None
+
+    def load(self):
+        return self.state
+
+    def start(self, progress, trial):
+        return "run-id"
+
+    def commit(self, state, epoch, progress):
+        self.commits.append(state)
+
+    def finish(self, progress, trial):
+        self.finished = progress
+
+
+@pytest.mark.parametrize("fault,status", [("nan_from_step: 7", "diverged"), ("oom_at_step: 8", "oom")])
+def test_oom_and_diverged_are_terminal_in_the_checkpoint(tmp_path, base, fault, status):
+    """The final checkpoint records the status and reason; a relaunch from it trains nothing."""
+    _, [spec] = plan_trials([f"workdir={tmp_path}", *base, "train.max_nonfinite_steps=3",
+                             "train.inject={" + fault + "}"])
+    require_prepared(spec.data_root, spec.dataset)
+    first = Recorder()
+    run_training(spec, first)
+    final = first.commits[-1]
+    assert final["progress"]["status"] == status and final["progress"]["epoch"] == 1
+    assert final["progress"]["stop_reason"] and first.finished.status == status
+
+    again = Recorder(state=final)
+    progress = run_training(spec, again)
+    assert again.commits == [] and again.finished.status == status  # nothing trained, nothing committed
+    assert progress.stop_reason == final["progress"]["stop_reason"] and progress.global_step == \
+        final["progress"]["global_step"]
+
+
 # --------------------------------------------------------------------------------------------
 # Whole sweeps
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> list[str]:
-    """The sweep arguments every test here starts from: one trial of synth-commands (6 steps an
-    epoch), its data shared by the module's sweeps (the first generates it, ~20 s on a loaded machine)."""
-    return ["datasets=[synth-commands]", "variants=[helix-mel]", "train.epochs=2", "train.batch_size=100",
-            f"data_root={tmp_path_factory.mktemp('data')}"]
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    yield tmp_path
-    stop_tracking_server(tmp_path)
-
 
 def epochs_logged(workdir: Path, r) -> list[int]:
     return sorted(m.step for m in client_for(workdir).get_metric_history(r.info.run_id, S.TEST_ACC))
@@ -221,31 +265,27 @@ def test_server_down_at_trial_end_delivered_by_next_command(workdir, base, next_
     assert not list(workdir.rglob(PENDING_FILE))
 
 
-def test_restored_sweep_on_a_new_port_logs_there_and_relaunched_oom_diverged_do_not_train(workdir, base):
-    """Three trials at once (half a CPU each). helix-mel diverges and attention-mel runs out of
-    memory in epoch 2, then both sleep before their end; mamba-mel trains slowly. The driver dies
-    with all three running in Tune's state, and the tracking server comes back on another port.
-    The same command then relaunches all three: mamba-mel resumes and logs to the new port; the
-    other two report their status again from their final checkpoints without training."""
-    args = [*base, "variants=[helix-mel,attention-mel,mamba-mel]", "resources.cpus_per_worker=0.5",
-            "train.max_nonfinite_steps=3", "tracking_wait_s=5",
-            "train.inject={per_trial: {helix-mel: {nan_from_step: 7, sleep_before_finish: 300}, "
-            "attention-mel: {oom_at_step: 8, sleep_before_finish: 300}, mamba-mel: {sleep_per_step: 2.0}}}"]
+def test_restored_sweep_logs_to_the_new_port_and_a_relaunched_oom_trial_does_not_train(workdir, base):
+    """attention-mel runs out of memory in epoch 2 and sleeps before its end; mamba-mel trains
+    slowly. The driver dies with both running in Tune's state, and the tracking server comes back
+    on another port. The same command relaunches both: mamba-mel resumes and logs to the new port;
+    attention-mel reports oom again from its final checkpoint without training."""
+    args = [*base, "variants=[attention-mel,mamba-mel]", "tracking_wait_s=5",
+            "train.inject={per_trial: {attention-mel: {oom_at_step: 8, sleep_before_finish: 300}, "
+            "mamba-mel: {sleep_per_step: 1.5}}}"]
     driver = start(workdir, *args)
     try:
         def ended_and_midway():
             runs = {r.data.tags["variant"]: r for r in trial_runs(workdir)}
-            ended = {v: r.data.tags["status"] for v, r in runs.items() if r.info.status != "RUNNING"}
-            return ended == {"helix-mel": "diverged", "attention-mel": "oom"} and \
-                epochs_logged(workdir, runs["mamba-mel"]) == [1] and runs
-        before = wait_for(ended_and_midway, 600, "a diverged, an oom and a mid-way trial", poll=0.5)
+            oom = runs.get("attention-mel")
+            return oom and oom.info.status != "RUNNING" and oom.data.tags["status"] == "oom" and \
+                "mamba-mel" in runs and epochs_logged(workdir, runs["mamba-mel"]) == [1] and runs
+        before = wait_for(ended_and_midway, 600, "an oom trial ended and another mid-way", poll=0.5)
     finally:
         kill_group(driver)
-    ended_ckpts = lambda: {p.name for v in ("helix-mel", "attention-mel")  # noqa: E731
-                           for p in workdir.glob(f"experiments/*/trials/synth-commands__{v}__split/epoch*")}
-    ckpts = ended_ckpts()
-    assert {n.split("-", 1)[1] for n in ckpts if n.endswith("-final")} == {"step00000008-final",
-                                                                           "step00000010-final"}, ckpts
+    oom_dir = next(workdir.glob("experiments/*/trials/synth-commands__attention-mel__split"))
+    ckpts = sorted(p.name for p in oom_dir.glob("epoch*"))
+    assert ckpts[-1] == "epoch0001-step00000008-final", ckpts
     old = server_status(workdir)
     stop_tracking_server(workdir)
     with socket.socket() as s:
@@ -257,18 +297,15 @@ def test_restored_sweep_on_a_new_port_logs_there_and_relaunched_oom_diverged_do_
     done = run(workdir, *args)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
-    assert "restoring experiment" in out and "resuming at epoch 1" in out
-    assert "relaunched after it ended (diverged)" in out and "relaunched after it ended (oom)" in out
+    assert "restoring experiment" in out and "resuming at epoch 1" in out and "relaunched after it ended (oom)" in out
     assert "MLflow unreachable" not in out and not list(workdir.rglob(PENDING_FILE))  # straight to the new port
     after = {r.data.tags["variant"]: r for r in trial_runs(workdir)}
     resumed = after["mamba-mel"]
     assert resumed.info.run_id == before["mamba-mel"].info.run_id and int(resumed.data.tags["resumes"]) >= 1
     assert resumed.data.tags["status"] == "finished" and epochs_logged(workdir, resumed) == [1, 2]
-    for variant in ("helix-mel", "attention-mel"):  # untouched: same run, end, status, reason, curve
-        a, b = after[variant], before[variant]
-        assert (a.info.run_id, a.info.end_time, a.data.tags["status"], a.data.tags["resumes"]) == \
-            (b.info.run_id, b.info.end_time, b.data.tags["status"], b.data.tags["resumes"])
-        assert a.data.tags["stop_reason"] == b.data.tags["stop_reason"] != ""
-        assert epochs_logged(workdir, a) == [1]
-    assert ended_ckpts() == ckpts  # nothing trained
-    assert "| synth-commands | helix-mel | — | 0/1 | diverged |" in done.stdout
+    a, b = after["attention-mel"], before["attention-mel"]  # untouched: same run, end, status, reason, curve
+    assert (a.info.run_id, a.info.end_time, a.data.tags["status"], a.data.tags["resumes"]) == \
+        (b.info.run_id, b.info.end_time, b.data.tags["status"], b.data.tags["resumes"])
+    assert a.data.tags["stop_reason"] == b.data.tags["stop_reason"] != "" and epochs_logged(workdir, a) == [1]
+    assert sorted(p.name for p in oom_dir.glob("epoch*")) == ckpts  # nothing trained
+    assert "| synth-commands | attention-mel | — | 0/1 | oom |" in done.stdout
