@@ -187,6 +187,9 @@ class SweepConfig:
     workdir: str = "./helix_work"
     data_root: Optional[str] = None
     tracking_uri: Optional[str] = None
+    # seconds a trial's end waits for an unreachable tracking server before its worker leaves the
+    # final status in a file for the driver, the next run or the report (and frees its GPU)
+    tracking_wait_s: float = 30.0
     ray_address: Optional[str] = None
     dry_run: bool = False
     resume: Optional[str] = None
@@ -410,7 +413,7 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # no path separators, 
 # Lower bounds of numeric settings: (bound, inclusive). Ray reads max_failures=-1 as "retry forever",
 # and a negative lr or interval trains or checkpoints nonsense without failing, so each is checked here.
 RANGES = {
-    "max_failures": (0, True),
+    "max_failures": (0, True), "tracking_wait_s": (0, True),
     "search.num_samples": (0, True), "search.max_concurrent": (1, True), "search.grace_period": (1, True),
     "search.reduction_factor": (2, True),
     "model.d_model": (1, True), "model.d_state": (1, True), "model.d_conv": (1, True), "model.expand": (1, True),

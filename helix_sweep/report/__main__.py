@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from helix_sweep.report.page import ui_url, write_report
+from helix_sweep.sweep.experiment import EXPERIMENTS
 from helix_sweep.sweep.tracking import check_tracking_reachable, default_workdir, ensure_tracking_server
 
 KEYS = {"experiment": "experiment name (default: the only experiment with trial runs)",
@@ -32,9 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from helix_sweep.report.loading import load_from  # MLflow: imported once the arguments are good
 
-    uri = args.get("tracking_uri") or ensure_tracking_server(Path(args.get("workdir") or default_workdir()))
+    workdir = Path(args.get("workdir") or default_workdir())
+    uri = args.get("tracking_uri") or ensure_tracking_server(workdir)
     check_tracking_reachable(uri)
-    sweep = load_from(uri, args.get("experiment"))
+    # final statuses that trials of this work directory left undelivered (the server was away) go first
+    sweep = load_from(uri, args.get("experiment"), pending_root=workdir / EXPERIMENTS)
     index = write_report(sweep, Path(args.get("out", "dashboards")))
     print(f"report: {index}")
     if ui_url(sweep):

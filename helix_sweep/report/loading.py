@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 from mlflow.tracking import MlflowClient
 
@@ -11,6 +12,7 @@ from helix_sweep.report.paper import DATASET_ORDER, VARIANT_ORDER
 from helix_sweep.report.results import Cell, Sweep, Trial
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.runs import parent_runs, trial_runs
+from helix_sweep.sweep.trial_run import deliver_pending
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,19 @@ def load_sweep(client: MlflowClient, experiment: str, histories: bool = True) ->
     return Sweep(exp.name, exp.experiment_id, client.tracking_uri, datasets, variants, cells, trials)
 
 
-def load_from(uri: str, experiment: str | None = None) -> Sweep:
-    """The sweep at tracking `uri`: `experiment`, or the only experiment there with trial runs."""
+def load_from(uri: str, experiment: str | None = None, pending_root: Optional[Path] = None) -> Sweep:
+    """The sweep at tracking `uri`: `experiment`, or the only experiment there with trial runs.
+
+    With `pending_root` (the work directory's experiments folder), writes that trials logging to
+    this host could not deliver at their end (the server was away: their final status among them)
+    are delivered first, so no ended trial shows as running."""
     client = MlflowClient(uri)
-    return load_sweep(client, experiment or pick_experiment(client))
+    name = experiment or pick_experiment(client)
+    if pending_root is not None:
+        done, left = deliver_pending(uri, pending_root, name, same_host=True)
+        if done or left:
+            log.info("pending MLflow writes of %s: %d trials delivered, %d still waiting", name, done, left)
+    return load_sweep(client, name)
 
 
 def pick_experiment(client: MlflowClient) -> str:

@@ -19,10 +19,11 @@ import ray
 from ray import tune
 
 from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_yaml
-from helix_sweep.sweep import experiment, ray_runtime, runs, tracking
+from helix_sweep.sweep import experiment, ray_runtime, runs, tracking, trial_run
 from helix_sweep.sweep import schema as S
+from helix_sweep.sweep.outage import is_outage
 from helix_sweep.sweep.schedule import order_longest_first
-from helix_sweep.sweep.search import sample_key, search_space, searcher_and_scheduler
+from helix_sweep.sweep.search import apply_sample, sample_key, search_space, searcher_and_scheduler
 from helix_sweep.training import check_writable, format_fraction, storage_error
 
 log = logging.getLogger(__name__)
@@ -41,23 +42,26 @@ def check_data(trials: list[TrialSpec]) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
+def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
     """The Tune trainable: fit one TorchTrainer for this trial (resuming its Train run if any).
 
     config carries only the trial key (and a search's sampled values), so Tune's table and state
     stay small; the TrialSpecs themselves ride along through tune.with_parameters and on to the
-    Train workers (train_loop_config), in the one form they have from grid expansion on."""
+    Train workers (train_loop_config), in the one form they have from grid expansion on.
+    `where` (tracking URI and wait, storage path, max_failures) also comes through
+    tune.with_parameters, from the driver that launches the trial: Tuner.restore restores each
+    trial's config as it was pickled, but takes the trainable (and its parameters) anew, so a
+    restored trial logs to the tracking server the driver was restarted with."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from helix_sweep.sweep.search import apply_sample
     from helix_sweep.sweep.worker import train_worker
 
     spec = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
-    name = spec.key.replace("/", "__")
-    run_dir = str(Path(config["storage_path"]) / name)
+    name = trial_dir_name(spec.key)
+    run_dir = str(Path(where["storage_path"]) / name)
     r = spec.resources
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
     if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
@@ -65,17 +69,17 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
     trainer = lambda spec: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": spec,
-                           "tracking": {**config["tracking"], "run_dir": run_dir},
+                           "tracking": {**where["tracking"], "run_dir": run_dir},
                            "threads": max(1, int(r.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(spec, use_gpu)),
         # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
         torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
         run_config=RunConfig(
-            name=name, storage_path=config["storage_path"],  # same name: resumes
+            name=name, storage_path=where["storage_path"],  # same name: resumes
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=config["max_failures"]),
+            failure_config=FailureConfig(max_failures=where["max_failures"]),
         ),
     )
     try:
@@ -98,7 +102,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec]) -> None:
             check_writable(run_dir)
         except OSError as cause:
             error = storage_error(spec.key, run_dir, cause)
-            fail_open_run(config["tracking"]["uri"], spec, str(error))
+            end_run(where["tracking"]["uri"], spec, run_dir, S.FAILED, str(error))
             raise error from exc
         raise
 
@@ -116,21 +120,24 @@ def on_whole_gpu(spec: TrialSpec) -> TrialSpec:
     return replace(spec, budget=replace(spec.budget, gpu_fraction=max(1.0, spec.budget.gpu_fraction)))
 
 
-def fail_open_run(uri: str, spec: TrialSpec, reason: str) -> None:
-    """Best effort: the trial's MLflow run, if still tagged running, ends as failed with the reason."""
+def end_run(uri: str, spec: TrialSpec, run_dir: str | Path, status: str, reason: str = "") -> None:
+    """Best effort: the trial's MLflow run, if still tagged running, ends with `status` and the reason
+    (with the server away, the end waits in the trial's pending file for the next run or report)."""
     try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        runs.end_open_runs(client, runs.get_or_create_experiment(client, spec.experiment), spec.key,
-                           S.FAILED, {S.STOP_REASON: reason})
+        trial_run.end_trial_run(uri, spec.experiment, spec.key, spec.dataset, spec.variant, spec.fold_label,
+                                run_dir, status, reason)
     except Exception as exc:  # the trial's error carries the reason anyway
-        log.warning("could not mark %s failed in MLflow: %s", spec.key, exc)
+        log.warning("could not mark %s %s in MLflow: %s", spec.key, status, exc)
+
+
+def trial_dir_name(key: str) -> str:
+    """A trial's folder (and Train run) name: its key, slashes being path separators."""
+    return key.replace("/", "__")
 
 
 def trial_name(trial) -> str:
-    """Tune's table and directories show the trial key (slashes are path separators there)."""
-    return sample_key(trial.config["trial_key"], trial.config).replace("/", "__")
+    """Tune's table and directories show the trial key."""
+    return trial_dir_name(sample_key(trial.config["trial_key"], trial.config))
 
 
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` puts the cluster YAML on the head
@@ -247,6 +254,7 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     for (dataset, variant), planned in folds.items():
         runs.get_or_create_parent_run(client, experiment_id, dataset, variant, folds=planned)
     record_planned_oom(client, experiment_id, trials)
+    deliver_pending(uri, exp_dir, name)  # final tags an earlier run's trials could not deliver
     runnable = [t for t in trials if t.status == "run"]
     if not runnable:
         print("nothing to run: every trial is kept out (planned_oom or ruled_oom)")
@@ -266,11 +274,10 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
              ", ".join(f"{t.key}={t.budget.micro_batch}x{t.budget.grad_accum}@{format_fraction(t.budget.gpu_fraction)}"
                        for t in runnable[:8])
              + (" ..." if len(runnable) > 8 else ""))
-    param_space = {
-        "tracking": {"uri": uri},
-        "storage_path": str(exp_dir / "trials"),
-        "max_failures": cfg.max_failures,
-    }
+    # read by each trial as it starts, from this driver (see train_trial), not frozen into Tune's state
+    where = {"tracking": {"uri": uri, "finish_wait_s": cfg.tracking_wait_s}, "storage_path": str(exp_dir / "trials"),
+             "max_failures": cfg.max_failures}
+    param_space: dict = {}
     tune_config = dict(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
                        trial_dirname_creator=trial_name)
     if cfg.search.num_samples > 0:
@@ -284,25 +291,37 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     else:
         param_space["trial_key"] = tune.grid_search([t.key for t in runnable])
     # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
-    specs = tune.with_parameters(train_trial, specs={t.key: t for t in runnable})
+    specs = tune.with_parameters(train_trial, specs={t.key: t for t in runnable}, where=where)
     trainable = tune.with_resources(specs, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     if tune.Tuner.can_restore(str(exp_dir)):
         log.info("restoring experiment %s", exp_dir)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space)
+        # no param_space: Tune would only refresh object references from it, and refuses a changed one
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                            tune_config=tune.TuneConfig(**tune_config))
     grid = tuner.fit()
-    close_stopped_runs(client, experiment_id, grid)
-    table = results_table(client, experiment_id, trials)
-    write_results(exp_dir, table)
-    print(format_table(table))
+    deliver_pending(uri, exp_dir, name)  # what workers could not deliver at their end
+    close_ended_runs(uri, {t.key: t for t in runnable}, exp_dir / "trials", grid)
+    try:
+        table = results_table(client, experiment_id, trials)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        table = None
+        print(f"helix_sweep: MLflow at {uri} became unreachable ({str(exc).splitlines()[0][:300]}); no results "
+              f"table. Final statuses not yet in MLflow wait in the trials' {trial_run.PENDING_FILE} files: run "
+              f"the same command (or resume={exp_dir.name}) or python -m helix_sweep.report once it is back.")
+    if table is not None:
+        write_results(exp_dir, table)
+        print(format_table(table))
     errored = [r for r in grid if r.error is not None]
     for result in errored:
         print(f"errored: {sample_key(result.config['trial_key'], result.config)}: {error_summary(result.error)}")
+    if table is None:
+        return 3
     print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
     return 1 if errored else 0
 
@@ -314,12 +333,25 @@ def error_summary(error: BaseException) -> str:
     return (raised or [ln for ln in lines if ln] or [repr(error)])[-1][:1000]
 
 
-def close_stopped_runs(client, experiment_id: str, grid) -> None:
-    """Trials the scheduler (ASHA) stopped early: their MLflow runs end with status stopped."""
+def deliver_pending(uri: str, exp_dir: Path, experiment_name: str) -> None:
+    done, left = trial_run.deliver_pending(uri, exp_dir, experiment_name)
+    if done or left:
+        log.info("pending MLflow writes: %d trials delivered, %d still waiting", done, left)
+
+
+def close_ended_runs(uri: str, specs: dict[str, TrialSpec], trials_dir: Path, grid) -> None:
+    """Every ended trial's run ends too: errored trials (whatever the reason) as failed with the error,
+    trials the scheduler (ASHA) stopped early as stopped. Only runs still tagged running change."""
     for result in grid:
-        if result.error is None and (result.metrics or {}).get("trial_status") == S.RUNNING:
-            runs.end_open_runs(client, experiment_id, sample_key(result.config["trial_key"], result.config),
-                               S.STOPPED)
+        key = sample_key(result.config["trial_key"], result.config)
+        if result.error is not None:
+            status, reason = S.FAILED, error_summary(result.error)
+        elif (result.metrics or {}).get("trial_status") == S.RUNNING:
+            status, reason = S.STOPPED, ""
+        else:
+            continue
+        spec = apply_sample(specs[result.config["trial_key"]], result.config)
+        end_run(uri, spec, trials_dir / trial_dir_name(key), status, reason)
 
 
 def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[dict]:

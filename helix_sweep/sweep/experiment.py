@@ -148,7 +148,7 @@ def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
         exp_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(cfg_yaml)
         return
-    ignore = ("resume:", "dry_run:", "ray_address:", "tracking_uri:", "max_concurrent_trials:")
+    ignore = ("resume:", "dry_run:", "ray_address:", "tracking_uri:", "tracking_wait_s:", "max_concurrent_trials:")
     old = [ln for ln in saved.read_text().splitlines() if not ln.strip().startswith(ignore)]
     new = [ln for ln in cfg_yaml.splitlines() if not ln.strip().startswith(ignore)]
     if old != new:

@@ -1,5 +1,5 @@
 """A sweep's runs in MLflow: its experiment, the (dataset, variant) parent runs with their fold
-aggregates, and the trial runs (created, found, listed, ended). Names and values: `schema`.
+aggregates, and the trial runs (created, found, listed). Names and values: `schema`.
 
 Every function takes an `MlflowClient` and an experiment id, so the driver, the rank-0 workers and
 the report read and write the same runs the same way.
@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, Sequence
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -195,17 +195,3 @@ def latest_per_trial(runs: Sequence) -> list:
                         key, by_key[key].info.run_id, r.info.run_id)
         by_key[key] = r
     return list(by_key.values())
-
-
-def end_open_runs(client: MlflowClient, experiment_id: str, trial_key: str, status: str,
-                  tags: dict[str, str] | None = None) -> int:
-    """End a trial's runs still tagged running with `status` (a stop or failure seen outside its
-    worker: ASHA's stop, a storage failure before the worker started). Returns how many."""
-    ended = 0
-    for run in _search_all(client, experiment_id, {S.TRIAL_KEY: trial_key}):
-        if run.data.tags.get(S.STATUS) != S.RUNNING:
-            continue
-        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in {S.STATUS: status, **(tags or {})}.items()])
-        client.set_terminated(run.info.run_id, S.run_state(status))
-        ended += 1
-    return ended

@@ -12,6 +12,7 @@ One experiment per sweep. In it:
   fold, status, resumes, hardware, stop_reason (when it did not finish); params every resolved setting
   that changes a result (`trial_params`: model, train with augment, task options, pooling, the plan's
   verdicts, and from the worker what it resolved: precision, scan_impl, micro-batch, parameter counts);
+  tracking_errors (a tag, when MLflow refused a write: skipped and counted);
   packed_oom (a tag, when it ran out of memory on a share of a GPU and was retried on a whole one);
   metrics per epoch with step = epoch (EPOCH_METRICS), then epochs_done and best_test_acc_final.
 """
@@ -35,6 +36,7 @@ RESUMES = "resumes"  # how many times the trial's workers restarted from a check
 STOP_REASON = "stop_reason"
 HARDWARE = "hardware"
 PACKED_OOM = "packed_oom"  # why a trial packed on a share of a GPU was retried on a whole GPU
+TRACKING_ERRORS = "tracking_errors"  # writes MLflow refused (a rejected value, a full artifact disk), skipped
 FOLDS_PLANNED = "folds_planned"  # on a parent: the folds the sweep will run, comma-separated
 FOLDS_DONE = "folds_done"  # on a parent: the finished folds its aggregates cover
 # MLflow 3's UI opens an experiment on its GenAI trace overview unless the experiment says it holds

@@ -7,6 +7,10 @@ loses no metrics: the checkpoint's history holds them and the next start logs wh
 The final epoch reports twice: its checkpoint first (without the scheduler's time attribute, so
 ASHA cannot stop the trial there), then, once the MLflow run is closed, its full result.
 
+MLflow: opening the run and every write go through the trial run's outage buffer (`trial_run`), so
+training never waits for the tracking server; only the trial's end waits, tracking.finish_wait_s
+at most, before leaving what is undelivered in a file beside the checkpoints for whoever comes next.
+
 Storage: Ray keeps the newest `keep_checkpoints` it registered; this worker also keeps a copy of
 the best epoch's state in best/ and prunes what Ray's record no longer lists (checkpoints from
 before a restart). An unwritable or full storage stops the trial with CheckpointStorageError,
@@ -36,6 +40,7 @@ from helix_sweep.training import (
 
 log = logging.getLogger(__name__)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+FINISH_WAIT_S = 30.0  # how long a trial's end waits for an unreachable tracking server (tracking_wait_s)
 
 
 class RayMlflowReporter:
@@ -46,7 +51,6 @@ class RayMlflowReporter:
         self.run_dir = tracking.get("run_dir", "")
         self.run = None
         self.resumed = False
-        self.best_model: Optional[dict] = None
         self.label_names: list[str] = []
         self.closed = False
         self.reported = False  # whether this worker start reported anything to Tune yet
@@ -77,24 +81,27 @@ class RayMlflowReporter:
         s = self.spec
         log.info("%s: selective scan %s (model.scan_impl=%s), precision %s (train.precision=%s) on %s", s.key,
                  trial.scan_impl, s.model.scan_impl, trial.precision, s.train.precision, trial.device)
-        self.run = TrialRun(self.tracking["uri"], s.experiment, s.key)
+        self.run = TrialRun(self.tracking["uri"], s.experiment, s.key, s.dataset, s.variant, s.fold_label,
+                            run_dir=self.run_dir, run_id=progress.run_id)
         params = {**run_params(s, trial, self.world_size), "git_sha": code_version(), "versions": package_versions()}
-        if progress.status != "running" and progress.run_id and self.run.is_closed(progress.run_id, progress.status):
-            # relaunched after its final checkpoint (e.g. a driver killed seconds after the end):
-            # nothing to train and nothing to log
-            self.closed = True
-            return progress.run_id
-        tags = S.trial_tags(s.key, s.dataset, s.variant, s.fold_label)
-        run_id = self.run.open(progress.run_id, tags, params, resumed=self.resumed)
+        self.run.take_over_pending()
+        if progress.status != "running":
+            # relaunched after its final checkpoint (a driver killed seconds after the end, an
+            # oom/diverged trial retried): nothing to train; finish() delivers whatever its run lacks
+            log.info("%s: relaunched after it ended (%s); not training again", s.key, progress.status)
+            self.run.open(params, reopen=False)
+            self.run.log_epochs(progress.history)
+            return progress.run_id or self.run.run_id
+        # opened now, or once the server answers (the run id then goes into the next checkpoint)
+        self.run.open(params, resumed=self.resumed)
         # deliver epochs a kill cut off between checkpoint commit and logging
-        self.run.logged_epochs()
         self.run.log_epochs(progress.history)
         self.label_names = trial.label_names
         try:  # an unwritable storage fails a (re)start at once, not a checkpoint interval later
             training.check_writable(self.run_dir)
         except OSError as exc:
             raise self.storage_failure(exc, progress) from exc
-        return run_id
+        return self.run.run_id or progress.run_id
 
     @staticmethod
     def tune_metrics(progress: Progress, metrics: Optional[dict]) -> dict:
@@ -105,6 +112,8 @@ class RayMlflowReporter:
         return out
 
     def commit(self, state: dict, epoch: Optional[EpochResult], progress: Progress) -> None:
+        if progress.status == S.OOM and packed(self.spec):
+            return  # not terminal on a share of a GPU: the whole-GPU refit resumes from the last checkpoint
         self.reported = True
         result = self.tune_metrics(progress, epoch.metrics if epoch else None)
         final = progress.status != "running"
@@ -115,6 +124,8 @@ class RayMlflowReporter:
         if self.rank != 0:
             ray.train.report(first, checkpoint=None)
         else:
+            if self.run is not None and self.run.run_id:  # the run found or created since the last checkpoint
+                progress.run_id = state["progress"]["run_id"] = self.run.run_id
             try:
                 self.persist(state, first, training.checkpoint_name(progress.epoch, progress.global_step, final),
                              best=best)
@@ -164,13 +175,11 @@ class RayMlflowReporter:
         if self.run is None:
             return
         if epoch is None:
-            self.run.buffer.flush()
+            self.run.flush(now=False)
             return
         self.run.log_epochs([dict(progress.history[-1])])
         if epoch.is_best:
             self.run.log_artifacts(epoch.confusion, self.label_names)
-            if self.spec.train.log_model:
-                self.best_model = {k: v.detach().clone() for k, v in state["model"].items()}
 
     def finish(self, progress: Progress, trial: TrialReport) -> None:
         if self.retried_on_whole_gpu(progress, trial):
@@ -195,24 +204,21 @@ class RayMlflowReporter:
         return True
 
     def close(self, progress: Progress) -> None:
-        """End the MLflow run with the trial's status, once (the final commit or finish, whichever first)."""
+        """End the MLflow run with the trial's status, once (the final commit or finish, whichever first).
+
+        Waits at most tracking.finish_wait_s for an unreachable server, then leaves the undelivered
+        writes in the trial's pending file for the driver, the next run or the report, and returns:
+        a GPU is not held idle for a tracking server."""
         if self.rank != 0 or self.run is None or self.closed:
             return
         self.closed = True
-        if self.best_model is not None and progress.status == S.FINISHED:
-            self.run.log_model(self.best_model)
-        self.run.log_config(to_yaml(self.spec))
-        tags = {S.STOP_REASON: self.stop_reason} if self.stop_reason else {}
-        self.run.close(progress.status, tags, {S.EPOCHS_DONE: progress.epoch,
-                                               S.BEST_TEST_ACC_FINAL: max(progress.best_test_acc, 0.0)},
-                       wait_s=float(self.tracking.get("finish_wait_s", 600)))
-        try:
-            from helix_sweep.sweep import runs
-
-            runs.update_parent_aggregates(self.run.client, self.run.experiment_id, self.spec.dataset,
-                                          self.spec.variant)
-        except Exception as exc:  # aggregates are recomputed by the next finishing fold or the report
-            log.warning("parent aggregates of %s/%s not updated: %s", self.spec.dataset, self.spec.variant, exc)
+        reason = self.stop_reason or progress.stop_reason
+        best = Path(self.run_dir) / training.BEST_DIR
+        log_model = self.spec.train.log_model and progress.status == S.FINISHED and (best / "state.pt").is_file()
+        self.run.close(progress.status, {S.STOP_REASON: reason} if reason else {},
+                       {S.EPOCHS_DONE: progress.epoch, S.BEST_TEST_ACC_FINAL: max(progress.best_test_acc, 0.0)},
+                       wait_s=float(self.tracking.get("finish_wait_s", FINISH_WAIT_S)),
+                       config_yaml=to_yaml(self.spec), best_dir=best if log_model else "")
 
 
 def run_params(spec: TrialSpec, trial: TrialReport, world_size: int) -> dict:

@@ -39,6 +39,7 @@ class Progress:
     epoch_seconds: float = 0.0
     history: list = field(default_factory=list)  # one metrics dict per completed epoch
     status: str = "running"  # running | finished | diverged | oom | failed
+    stop_reason: str = ""  # why it ended other than finished, in words (kept: a relaunch reports it again)
     run_id: str = ""  # the trial's MLflow run, so resumed workers log into the same run
 
     def state_dict(self) -> dict:

@@ -278,6 +278,9 @@ def run_training(spec: TrialSpec, reporter: Reporter) -> Progress:
         trial.stop_reason = (f"out of memory at {trial.tokens_per_clip} tokens/clip, "
                              f"micro-batch {setup.micro_batch}: {str(exc).splitlines()[0]}")
         log.error("%s: %s", spec.key, trial.stop_reason)
+    if progress.status in ("diverged", "oom"):  # terminal: checkpointed, so a relaunch reports it, never retrains
+        progress.stop_reason = trial.stop_reason
+        reporter.commit(_snapshot(spec, setup, gen, progress, world), None, progress)
     faults.before_finish()
     reporter.finish(progress, trial)
     return progress
