@@ -301,7 +301,10 @@ def test_node_loss_trial_finishes_elsewhere(workdir):
                 f"ray_address={cluster.address}"]
         driver = start(workdir, *args)
         wait_for(lambda: any(epochs_logged(workdir, r) for r in trial_runs(workdir)), 300, "epoch 1 logged")
-        worker = next(p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or []))
+        # polled: once (at load, 2026-12-02) no worker process was listed at the first look
+        worker = wait_for(lambda: next((p for p in psutil.process_iter(["cmdline"])
+                                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])), None),
+                          60, "the trial's Ray Train worker process", poll=0.5)
         raylets = {n.all_processes["raylet"][0].process.pid: n for n in nodes}
         node = next(raylets[p.pid] for p in worker.parents() if p.pid in raylets)
         cluster.remove_node(node, allow_graceful=False)
