@@ -63,6 +63,7 @@ def train_workers(address: str) -> list:
                        raise_on_missing_output=False)
 
 
+@pytest.mark.slow  # outside CI (suite time): multi-node on fake GPUs; test_packing_sweep schedules fake GPUs in CI
 def test_trials_spread_over_gpu_nodes_and_run_at_once(ray_env):
     from ray.cluster_utils import Cluster
 
@@ -128,6 +129,7 @@ def stop_ray_of(temp: Path) -> None:
     wait_for(lambda: not processes_of(temp), 30, f"the processes of {temp} to exit", poll=0.5)
 
 
+@pytest.mark.slow  # outside CI (suite time): multi-node on fake GPUs; test_packing_sweep schedules fake GPUs in CI
 def test_fake_autoscaler_adds_a_gpu_node_for_the_sweep(ray_env):
     workdir, short = ray_env
     port, dashboard = free_port(), free_port()

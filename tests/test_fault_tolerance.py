@@ -121,6 +121,7 @@ def test_worker_sigkill_mid_epoch_resumes_bit_identical(workdir):
     assert epochs_logged(workdir, runs[key]) == [1, 2]
 
 
+@pytest.mark.slow  # outside CI (suite time); CI covers it in process: tests/test_ddp.py, test_tracking_outage.py's terminal oom/diverged
 def test_nan_diverges_oom_stops_and_the_rest_finishes(workdir):
     proc = run(workdir, *BASE, "variants=[helix-mel,attention-mel,mamba-mel]", "train.max_nonfinite_steps=3",
                "train.inject={per_trial: {helix-mel: {nan_from_step: 2}, attention-mel: {oom_at_step: 3}}}")
@@ -164,6 +165,7 @@ def test_driver_kill_resumes_unfinished_and_keeps_finished(workdir):
     assert "resuming at epoch" in (workdir / "driver.log").read_text() + proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # outside CI (suite time); CI: tests/test_tracking_outage.py's outage at a trial's start and end
 def test_tracking_server_outage_mid_trial(workdir):
     args = [*BASE, "variants=[helix-mel]", "train.epochs=4", "train.inject={sleep_per_step: 0.3}"]
     driver = start(workdir, *args)
@@ -290,6 +292,7 @@ def _unwritable_storage_run(workdir, key, args, fault):
     assert len(checkpoints_on_disk(run_dir)) == 2 and (run_dir / BEST_DIR / "state.pt").is_file()
 
 
+@pytest.mark.slow  # outside CI (suite time); multi-node; CI covers worker kills (sigkill) and driver kills
 def test_node_loss_trial_finishes_elsewhere(workdir):
     import psutil
     from ray.cluster_utils import Cluster

@@ -1,5 +1,7 @@
 """grid=tune: an Optuna search through Ray Tune that survives a killed driver (real Ray, real MLflow)."""
 
+import pytest
+
 from helix_sweep.sweep.tracking import stop_tracking_server
 from sweep_process import kill_group, run, start, trial_runs, wait_for
 
@@ -10,6 +12,7 @@ ARGS = ["grid=tune", "train.epochs=1", "search.num_samples=4", "search.max_concu
 SEARCHED = ("lr", "weight_decay", "augment.mixup_alpha", "augment.noise", "augment.gain")  # MLflow param names
 
 
+@pytest.mark.slow  # outside CI (suite time): the driver kill itself is covered by test_fault_tolerance
 def test_tune_search_resumes_after_driver_kill(tmp_path):
     driver = start(tmp_path, *ARGS)
     try:
