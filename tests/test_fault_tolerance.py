@@ -244,8 +244,9 @@ def filled(directory: Path):
 
 
 # Both faults mean the same thing to a 40-hour run (no next checkpoint can be written) and take the same
-# path; the full disk is the likelier one and runs in CI, the read-only storage outside it (-m slow).
-@pytest.mark.parametrize("fault", [pytest.param("read-only", marks=pytest.mark.slow), "full-disk"])
+# path; both run outside CI (-m slow: ~160 s each at load), where tmpfs mounts are allowed.
+@pytest.mark.parametrize("fault", [pytest.param("read-only", marks=pytest.mark.slow),
+                                   pytest.param("full-disk", marks=pytest.mark.slow)])
 def test_unwritable_checkpoint_storage_fails_clearly_and_resumes_intact(workdir, fault):
     key = "synth-commands/helix-mel/split"
     args = [*BASE, "variants=[helix-mel]", "max_failures=1", "train.inject={sleep_per_step: 0.4}"]

@@ -217,7 +217,9 @@ def test_server_down_at_trial_start_back_after_two_epochs(workdir, base):
     assert "MLflow unreachable" in log_text and "resuming at epoch" not in log_text  # trained on, no restart
 
 
-@pytest.mark.parametrize("next_command", ["report", pytest.param("run", marks=pytest.mark.slow)])
+# both outside CI (suite time): CI keeps the outage at a trial's start as a sweep, and the in-process end delivery
+@pytest.mark.parametrize("next_command", [pytest.param("report", marks=pytest.mark.slow),
+                                          pytest.param("run", marks=pytest.mark.slow)])
 def test_server_down_at_trial_end_delivered_by_next_command(workdir, base, next_command):
     """helix-mel finishes while MLflow is away; mamba-mel errors (its worker SIGKILLed, no retries)
     and the driver's closing pass, with MLflow away too, cannot end its run as failed: both ends
@@ -265,6 +267,7 @@ def test_server_down_at_trial_end_delivered_by_next_command(workdir, base, next_
     assert not list(workdir.rglob(PENDING_FILE))
 
 
+@pytest.mark.slow  # outside CI (suite time, ~250 s at load): a kill and restore of a whole sweep
 def test_restored_sweep_logs_to_the_new_port_and_a_relaunched_oom_trial_does_not_train(workdir, base):
     """attention-mel runs out of memory in epoch 2 and sleeps before its end; mamba-mel trains
     slowly. The driver dies with both running in Tune's state, and the tracking server comes back
