@@ -297,8 +297,7 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     if tune.Tuner.can_restore(str(exp_dir)):
         log.info("restoring experiment %s", exp_dir)
-        # no param_space: Tune would only refresh object references from it, and refuses a changed one
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = restore(exp_dir, trainable, param_space, where)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                            tune_config=tune.TuneConfig(**tune_config))
@@ -324,6 +323,23 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
         return 3
     print(f"\nresults: {exp_dir / 'results.md'}  ·  MLflow: {uri}")
     return 1 if errored else 0
+
+
+def restore(exp_dir: Path, trainable, param_space: dict, where: dict):
+    """Tuner.restore with the same param_space: a search's new samples take its constants (the trial
+    key) from it. Tune refuses one whose keys changed: an experiment started before `where` left the
+    param_space (it held the tracking URI, storage path and max_failures) gets them back, unused."""
+    def attempt(space: dict):
+        return tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=space)
+    try:
+        return attempt(param_space)
+    except ValueError as exc:
+        if "param_space" not in str(exc):
+            raise
+        log.info("experiment %s was started with the tracking settings in its param_space", exp_dir)
+        return attempt({**param_space, "tracking": {"uri": where["tracking"]["uri"]},
+                        "storage_path": where["storage_path"], "max_failures": where["max_failures"]})
 
 
 def error_summary(error: BaseException) -> str:
