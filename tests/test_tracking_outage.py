@@ -10,9 +10,9 @@ In process (seconds):
 Whole sweeps (`python -m helix_sweep.run` as a subprocess):
 - MLflow down before the trial starts and back after two epochs: one run, every epoch once, finished;
 - MLflow down at the trial's end for longer than the worker waits: the run ends with its status at
-  the next `report` (and the next `run`);
-- a restored sweep whose server came back on another port logs to the new one, and its oom trial,
-  relaunched after its end, reports its status again without training.
+  the next `report` (and, marked slow, the next `run`);
+- (slow: two sweeps) a restored sweep whose server came back on another port logs to the new one,
+  and its oom trial, relaunched after its end, reports its status again without training.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def driver_log(workdir: Path) -> str:
 
 
 def test_server_down_at_trial_start_back_after_two_epochs(workdir, base):
-    args = [*base, "train.epochs=3", "train.inject={sleep_per_step: 0.5}", "tracking_wait_s=300"]
+    args = [*base, "train.epochs=3", "train.inject={sleep_per_step: 0.2}", "tracking_wait_s=300"]
     driver = start(workdir, *args)
     try:
         # Ray is starting: the driver is done with MLflow until the trials end; the trial is not up yet
@@ -224,8 +224,9 @@ def test_server_down_at_trial_end_delivered_by_next_command(workdir, base, next_
     """helix-mel finishes while MLflow is away; mamba-mel errors (its worker SIGKILLed, no retries)
     and the driver's closing pass, with MLflow away too, cannot end its run as failed: both ends
     wait in pending files until the next command."""
+    # epoch 2 takes 3 s or more: time to stop the server once epoch 1 is logged
     args = [*base, "variants=[helix-mel,mamba-mel]", "max_failures=0", "tracking_wait_s=2",
-            "train.inject={sleep_per_step: 0.3, kill_marker: '" + str(workdir / "killed") + "', "
+            "train.inject={sleep_per_step: 0.5, kill_marker: '" + str(workdir / "killed") + "', "
             "per_trial: {mamba-mel: {kill_at_step: 2}}}"]
     driver = start(workdir, *args)
     try:
@@ -267,7 +268,7 @@ def test_server_down_at_trial_end_delivered_by_next_command(workdir, base, next_
     assert not list(workdir.rglob(PENDING_FILE))
 
 
-@pytest.mark.slow  # outside CI (suite time, ~250 s at load): a kill and restore of a whole sweep
+@pytest.mark.slow  # two sweeps (a kill and a restore): ~140 s on an idle 2-core machine
 def test_restored_sweep_logs_to_the_new_port_and_a_relaunched_oom_trial_does_not_train(workdir, base):
     """attention-mel runs out of memory in epoch 2 and sleeps before its end; mamba-mel trains
     slowly. The driver dies with both running in Tune's state, and the tracking server comes back
