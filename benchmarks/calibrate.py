@@ -84,6 +84,15 @@ def grid_shapes(grid: str = "full", datasets: list[str] | None = None) -> list[S
     return sorted(shapes.values(), key=lambda s: -s.tokens * s.batch)
 
 
+def usable_device(name: str, tool: str) -> torch.device | None:
+    """The device a benchmark asked for, or None (said why) for CUDA on a machine without it."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{tool}: no CUDA device; run this on a GPU machine (or --device cpu for a dry run)")
+        return None
+    return device
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -245,9 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="", help="calibration file (default benchmarks/calibration/<gpu>.json)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("calibrate: no CUDA device; run this on a GPU machine (or --device cpu for a dry run)")
+    device = usable_device(args.device, "calibrate")
+    if device is None:
         return 1
     if device.type == "cpu":
         torch.set_num_threads(1)

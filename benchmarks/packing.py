@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from calibrate import Shape, build_step, default_path, device_header, write_calibration  # noqa: E402
+from calibrate import (  # noqa: E402
+    Shape, build_step, default_path, device_header, usable_device, write_calibration,
+)
 
 from helix_sweep.models.frontends import SAMPLE_RATE, num_tokens  # noqa: E402
 
@@ -197,9 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="calibration file (default benchmarks/calibration/<gpu>.json)")
     ap.add_argument("--out-dir", default="", help="write <out-dir>/<gpu>.json instead")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("packing: no CUDA device; run this on a GPU machine (or --device cpu for a dry run)")
+    device = usable_device(args.device, "packing")
+    if device is None:
         return 1
     started = time.monotonic()
     header = device_header(device)

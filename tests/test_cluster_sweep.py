@@ -63,6 +63,22 @@ def train_workers(address: str) -> list:
                        raise_on_missing_output=False)
 
 
+def watch_sweep(workdir, cluster, args: list[str], sample, every: float) -> tuple[str, list, list]:
+    """Run the CLI against `cluster` until it exits, calling sample(train workers) every `every` s;
+    return the driver log, the Train workers at the end and the samples. The sweep must succeed."""
+    driver, samples = start(workdir, *args, f"ray_address={cluster.address}"), []
+    try:
+        while driver.poll() is None:
+            samples.append(sample(train_workers(cluster.address)))
+            time.sleep(every)
+        log = (workdir / "driver.log").read_text()
+        assert driver.returncode == 0, log[-3000:]
+        return log, train_workers(cluster.address), samples
+    finally:
+        if driver.poll() is None:
+            kill_group(driver)
+
+
 @pytest.mark.slow  # outside CI (suite time): multi-node on fake GPUs; test_packing_sweep schedules fake GPUs in CI
 def test_trials_spread_over_gpu_nodes_and_run_at_once(ray_env):
     from ray.cluster_utils import Cluster
@@ -70,24 +86,14 @@ def test_trials_spread_over_gpu_nodes_and_run_at_once(ray_env):
     workdir, _ = ray_env
     # the dashboard (Ray's state API) on a free port: 8265 may belong to another Ray on the machine
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()})
-    driver = None
-    seen_alive: list[set] = []
     try:
         nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         gpu_nodes = {n.node_id for n in nodes}
         # one whole GPU per trial (no packing: this test is about spreading over nodes)
-        driver = start(workdir, *TINY, "variants=[helix-mel,attention-mel]", "resources.gpus_per_worker=1",
-                       f"ray_address={cluster.address}")
-        while driver.poll() is None:  # watch the workers while the sweep runs
-            alive = {a.node_id for a in train_workers(cluster.address) if a.state == "ALIVE"}
-            seen_alive.append(alive)
-            time.sleep(1.0)
-        log = (workdir / "driver.log").read_text()
-        assert driver.returncode == 0, log[-3000:]
-        workers = train_workers(cluster.address)
+        log, workers, seen_alive = watch_sweep(
+            workdir, cluster, [*TINY, "variants=[helix-mel,attention-mel]", "resources.gpus_per_worker=1"],
+            lambda ws: {a.node_id for a in ws if a.state == "ALIVE"}, every=1.0)
     finally:
-        if driver is not None and driver.poll() is None:
-            kill_group(driver)
         cluster.shutdown()
     # one Train worker per trial, each on its own GPU node, each holding one (fake) GPU
     assert len(workers) == 2, workers

@@ -14,12 +14,11 @@ Fake GPUs: torch.cuda stays unavailable, so the trials train on CPU with the glo
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
-from sweep_process import kill_group, start, trial_runs
-from test_cluster_sweep import free_port, ray_env, train_workers  # noqa: F401  (ray_env is a fixture)
+from sweep_process import trial_runs
+from test_cluster_sweep import free_port, ray_env, watch_sweep  # noqa: F401  (ray_env is a fixture)
 
 TINY = ["datasets=[synth-commands]", "train.epochs=1", "resources.cpus_per_gpu=2"]
 
@@ -36,21 +35,12 @@ def sweep_on_one_fake_gpu(workdir, *args) -> tuple[str, list, list]:
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": free_port()})
-    driver, alive = None, []
     try:
         cluster.add_node(num_cpus=2, num_gpus=1)
-        driver = start(workdir, *TINY, *args, f"ray_address={cluster.address}")
-        while driver.poll() is None:
-            alive.append(sum(a.state == "ALIVE" for a in train_workers(cluster.address)))
-            time.sleep(0.5)
-        log = (workdir / "driver.log").read_text()
-        assert driver.returncode == 0, log[-3000:]
-        workers = train_workers(cluster.address)
+        return watch_sweep(workdir, cluster, [*TINY, *args],
+                           lambda ws: sum(a.state == "ALIVE" for a in ws), every=0.5)
     finally:
-        if driver is not None and driver.poll() is None:
-            kill_group(driver)
         cluster.shutdown()
-    return log, workers, alive
 
 
 def test_packed_trials_share_one_gpu(ray_env):
