@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from scipy import signal
 
 from .audio import SAMPLE_RATE, Decoded, to_pcm16
 from .layouts import SourceClip
 from .prepare import build, is_prepared
+
+# scipy.signal is imported inside the generators that use it: a trial that only opens data generated
+# earlier skips its ~2 s import
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,15 @@ VOWELS = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 24
 
 
 def _band_noise(rng, n: int, lo: float, hi: float) -> np.ndarray:
+    from scipy import signal
+
     sos = signal.butter(4, [lo, min(hi, 0.45 * SR)], btype="band", fs=SR, output="sos")
     return signal.sosfilt(sos, rng.standard_normal(n))
 
 
 def _pink(rng, n: int) -> np.ndarray:
+    from scipy import signal
+
     # white noise through a one-pole lowpass plus a little white: a cheap "pink-ish" background
     return signal.lfilter([1.0], [1.0, -0.95], rng.standard_normal(n)) * 0.3 + rng.standard_normal(n)
 
@@ -85,6 +91,8 @@ def _finish(rng, x: np.ndarray, snr_db: tuple[float, float]) -> Decoded:
 
 
 def _texture(rng, cls: str, n: int) -> np.ndarray:
+    from scipy import signal
+
     t = np.arange(n) / SR
     if cls == "low-band":
         fc = rng.uniform(250, 900)
@@ -152,12 +160,16 @@ def _command(rng, cls: str, n: int) -> np.ndarray:
 
 
 def _resonator(x: np.ndarray, freq: float, bw: float) -> np.ndarray:
+    from scipy import signal
+
     r = np.exp(-np.pi * bw / SR)
     a = [1.0, -2 * r * np.cos(2 * np.pi * freq / SR), r * r]
     return signal.lfilter([1 - r], a, x)
 
 
 def _utterance(rng, speaker: int) -> np.ndarray:
+    from scipy import signal
+
     f0_mean, scale, breath = SPEAKERS[speaker]
     pieces = []
     f0_utt = f0_mean * rng.uniform(0.9, 1.1)

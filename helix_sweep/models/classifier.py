@@ -15,7 +15,7 @@ import torch.nn as nn
 from helix_sweep.config import ModelConfig
 from helix_sweep.models.blocks import AttentionBlock, BiMambaBlock
 from helix_sweep.models.frontends import FRONTENDS
-from helix_sweep.models.matching import count_params, matched_d_ffn
+from helix_sweep.models.matching import count_built, count_params, matched_d_ffn
 
 
 class HelixClassifier(nn.Module):
@@ -109,11 +109,8 @@ def build_classifier_from(model: ModelConfig, pattern: str, frontend: str, num_c
 @lru_cache(maxsize=None)
 def classifier_params(pattern: str, frontend: str, num_classes: int, d_model: int = 256, d_state: int = 32,
                       d_conv: int = 4, expand: int = 2) -> int:
-    """Parameters of build_classifier(pattern, frontend, num_classes, ...) without allocating it: the
-    backbone and head are built on the meta device, the frontend on the CPU (the mel filterbank is
-    computed at construction, which the meta device cannot do; the frontend is small). The count does
-    not depend on num_heads, attention_impl or pooling."""
-    with torch.device("meta"):
-        model = HelixClassifier(pattern, "raw", num_classes, d_model=d_model, d_state=d_state, d_conv=d_conv,
-                                expand=expand)
-    return count_params(model) - count_params(model.frontend) + count_params(FRONTENDS[frontend](d_model))
+    """Parameters of build_classifier(pattern, frontend, num_classes, ...), counted on a CPU build that
+    leaves the global RNG as it was (matching.count_built). The count does not depend on num_heads,
+    attention_impl or pooling."""
+    return count_built(lambda: HelixClassifier(pattern, frontend, num_classes, d_model=d_model, d_state=d_state,
+                                               d_conv=d_conv, expand=expand))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -237,7 +238,15 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     name = trials[0].experiment  # the MLflow experiment (the folder may be a resumed path's)
     experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
     check_data(trials)
-    uri = cfg.tracking_uri or tracking.ensure_tracking_server(cfg.workdir_path)
+    runnable = [t for t in trials if t.status == "run"]
+    with ThreadPoolExecutor(1) as pool:  # the MLflow server (a subprocess) starts while Ray does
+        server = None if cfg.tracking_uri else pool.submit(tracking.ensure_tracking_server, cfg.workdir_path)
+        if runnable and not ray.is_initialized():
+            # the dashboard serves the state API that Ray Train uses to watch its controllers
+            # "local": a fresh local runtime, never someone else's cluster on the same machine
+            ray.init(address=cfg.ray_address or "local", log_to_driver=True,
+                     runtime_env=ray_runtime.runtime_env())
+        uri = cfg.tracking_uri or server.result()
     try:
         tracking.check_tracking_reachable(uri)
     except tracking.TrackingUnavailable as exc:
@@ -255,16 +264,9 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
         runs.get_or_create_parent_run(client, experiment_id, dataset, variant, folds=planned)
     record_planned_oom(client, experiment_id, trials)
     deliver_pending(uri, exp_dir, name)  # final tags an earlier run's trials could not deliver
-    runnable = [t for t in trials if t.status == "run"]
     if not runnable:
         print("nothing to run: every trial is kept out (planned_oom or ruled_oom)")
         return 0
-
-    if not ray.is_initialized():
-        # the dashboard serves the state API that Ray Train uses to watch its controllers
-        # "local": a fresh local runtime, never someone else's cluster on the same machine
-        ray.init(address=cfg.ray_address or "local", log_to_driver=True,
-                 runtime_env=ray_runtime.runtime_env())
     gpus_now, gpus = cluster_gpus(autoscaling=cfg.ray_address is not None)  # a local Ray cannot grow
     runnable = resolve_use_gpu(runnable, gpus)
     runnable = order_longest_first(runnable)  # the 40-hour trials start first, short ones fill in
@@ -278,8 +280,10 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     where = {"tracking": {"uri": uri, "finish_wait_s": cfg.tracking_wait_s}, "storage_path": str(exp_dir / "trials"),
              "max_failures": cfg.max_failures}
     param_space: dict = {}
+    # reuse_actors: a finished trial's Tune actor (a process that has imported torch, MLflow and
+    # this package) runs the next trial instead of a new one being started; train_trial keeps no state
     tune_config = dict(max_concurrent_trials=concurrent, trial_name_creator=trial_name,
-                       trial_dirname_creator=trial_name)
+                       trial_dirname_creator=trial_name, reuse_actors=True)
     if cfg.search.num_samples > 0:
         if len(runnable) != 1:
             raise ConfigError(f"a search (search.num_samples={cfg.search.num_samples}) runs over one base trial; "
