@@ -37,8 +37,9 @@ CASES = {"smoke-B32xL50": (32, 50, 32, 8), "smoke-B32xL100": (32, 100, 32, 8),
          "B8xL500": (8, 500, 256, 32), "B1xL30000": (1, 30_000, 256, 32)}
 TARGETS = ("scan", "mixer", "block")
 # pure: selective_scan_pure's own choice ("whole" on CPU for short sequences, else "loop");
-# pure-loop / pure-parallel: the chunked modes forced (pure-loop only where pure is not already it).
-IMPLS = ("pure", "pure-loop", "pure-parallel", "sequential", "mambapy")
+# pure-whole / pure-loop / pure-parallel: the modes forced where pure picks its numba-compiled "fused"
+# mode (short sequences on CPU): "whole" is the same in PyTorch ops only, "loop" the chunked one.
+IMPLS = ("pure", "pure-whole", "pure-loop", "pure-parallel", "sequential", "mambapy")
 FULL_MODEL_SAMPLES = 480_000  # 30,000 tokens of the raw frontend (stride 160)
 
 
@@ -102,13 +103,19 @@ def pure_loop_scan(*args, **kwargs):
     return selective_scan_pure(*args, mode="loop", **kwargs)
 
 
+def pure_whole_scan(*args, **kwargs):
+    return selective_scan_pure(*args, mode="whole", **kwargs)
+
+
 def scan_fn(impl):
-    return {"pure": selective_scan_pure, "pure-loop": pure_loop_scan, "pure-parallel": pure_parallel_scan,
+    return {"pure": selective_scan_pure, "pure-whole": pure_whole_scan, "pure-loop": pure_loop_scan,
+            "pure-parallel": pure_parallel_scan,
             "sequential": sequential_scan, "mambapy": mambapy_scan}[impl]
 
 
 def pure_picks_whole(batch, length, d_model, d_state):
-    """Whether selective_scan_pure takes its "whole" mode on CPU for this case's scans."""
+    """Whether selective_scan_pure takes its short-sequence mode on CPU ("fused", or "whole" without
+    numba) for this case's scans."""
     return batch * 2 * d_model * length * d_state <= scan_pure.WHOLE_MAX_ELEMENTS
 
 
@@ -250,7 +257,7 @@ def main():
             dims = (d_model, d_state)
             runs, skipped = {}, {}
             for impl in IMPLS:
-                if impl == "pure-loop" and not pure_picks_whole(batch, length, d_model, d_state):
+                if impl in ("pure-whole", "pure-loop") and not pure_picks_whole(batch, length, d_model, d_state):
                     continue  # pure already runs the loop mode here
                 if impl != "pure" and (target, impl, *dims) in small:
                     per_s, per_gib = small[(target, impl, *dims)]
@@ -263,7 +270,8 @@ def main():
             # short cases take milliseconds: more repeats for a stable best on a shared machine
             repeats = 1 if length > 1000 else args.repeats if batch * length > 1000 else 4 * args.repeats
             best = time_in_process(runs, repeats)
-            mode = "whole" if pure_picks_whole(batch, length, d_model, d_state) else "loop"
+            short = "fused" if scan_pure.scan_numba_status()[0] else "whole"
+            mode = short if pure_picks_whole(batch, length, d_model, d_state) else "loop"
             print(f"\n[{target}] {case} (d_model {d_model}, d_state {d_state}; pure runs mode {mode}): "
                   f"fwd+bwd seconds (ratio = baseline / pure)")
             mem = {}

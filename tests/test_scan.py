@@ -116,6 +116,10 @@ def test_scan_without_optional_inputs_and_with_groups(mode):
         inputs.pop(k)
     inputs["delta"] = inputs["delta"].abs() * 0.3  # positive step sizes, no softplus
     dout = torch.randn(2, 8, 21, generator=torch.Generator().manual_seed(2))
+    if mode == "fused":  # its compiled loops take one group; asked for explicitly, it refuses
+        with pytest.raises(ValueError, match="without groups"):
+            selective_scan_pure(**inputs, mode=mode)
+        return
     ref_out, ref_grads = run_with_grads(
         reference_scan, {k: v.double() for k, v in inputs.items()}, dout.double())
     out, grads = run_with_grads(selective_scan_pure, inputs, dout, mode=mode, chunk_size=4)
@@ -143,18 +147,19 @@ def test_cpu_mode_is_chosen_by_size(monkeypatch):
     small, large = make_inputs(2, 8, 4, 30, seed=12), make_inputs(2, 8, 4, 31, seed=12)
     monkeypatch.setattr(scan_pure, "WHOLE_MAX_ELEMENTS", 2 * 8 * 4 * 30)  # B * E * N * L of `small`
     assert torch.equal(selective_scan_pure(**small, delta_softplus=True),
-                       selective_scan_pure(**small, delta_softplus=True, mode="whole"))
+                       selective_scan_pure(**small, delta_softplus=True, mode="fused"))
     assert calls == [(2, 8, 30)] * 2
     assert torch.equal(selective_scan_pure(**large, delta_softplus=True),
                        selective_scan_pure(**large, delta_softplus=True, mode="loop"))
     assert calls == [(2, 8, 30)] * 2  # one step longer: the chunked loop
 
 
-def test_whole_mode_backward_runs_twice_on_a_retained_graph():
+@pytest.mark.parametrize("mode", ["whole", "fused"])
+def test_whole_mode_backward_runs_twice_on_a_retained_graph(mode):
     inputs = make_inputs(2, 8, 4, 30, seed=13)
     dout = torch.randn(2, 8, 30, generator=torch.Generator().manual_seed(5))
     leaves = {k: v.requires_grad_(True) for k, v in inputs.items()}
-    out = selective_scan_pure(**leaves, delta_softplus=True, mode="whole")
+    out = selective_scan_pure(**leaves, delta_softplus=True, mode=mode)
     out.backward(dout, retain_graph=True)
     first = {k: v.grad.clone() for k, v in leaves.items()}
     for v in leaves.values():
@@ -306,3 +311,28 @@ def test_mamba_kernel_agrees_with_pure_scan():
     assert rel_err(fused_out, pure_out) <= 1e-4
     for name in GRAD_NAMES:
         assert rel_err(fused_grads[name], pure_grads[name]) <= 1e-3, name
+
+
+def test_cpu_picks_the_fused_loops_for_short_sequences_when_numba_imports(monkeypatch):
+    inputs = make_inputs(2, 8, 4, 21, seed=5)
+    picked = []
+    forward = scan_pure._whole_forward
+    monkeypatch.setattr(scan_pure, "_whole_forward", lambda ctx, *a: picked.append(a[-1]) or forward(ctx, *a))
+    selective_scan_pure(**inputs)
+    assert picked == [True]  # numba is a dependency: the fused loops run
+    monkeypatch.setattr(scan_pure, "scan_numba_status", lambda: (False, "numba does not import (test)"))
+    selective_scan_pure(**inputs)
+    assert picked == [True, False]  # without numba, the PyTorch "whole" mode, same numbers
+    with pytest.raises(ValueError, match="numba does not import"):
+        selective_scan_pure(**inputs, mode="fused")
+
+
+@pytest.mark.parametrize("mode", ["whole", "fused"])
+def test_scan_propagates_non_finite_values(mode):
+    # the compiled loops may reassociate sums but never assume finite values: a NaN input must
+    # still reach the loss, where the training loop counts the step as non-finite
+    inputs = make_inputs(2, 8, 4, 21, seed=6)
+    inputs["u"][1, 3, 7] = float("nan")
+    out, grads = run_with_grads(selective_scan_pure, inputs, torch.ones(2, 8, 21), delta_softplus=True, mode=mode)
+    assert out[1].isnan().any() and not out[0].isnan().any()
+    assert grads["A"].isnan().any()

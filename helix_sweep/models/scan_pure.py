@@ -30,12 +30,13 @@ Legend: B batch, E d_inner, N d_state, L sequence length, G groups of B/C, H = E
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-MODES = ("loop", "parallel", "whole")
+MODES = ("loop", "parallel", "whole", "fused")
 # Chunk length T per mode, a power of two sized so one (T, B, E, N) fp32 buffer holds about
 # *_CHUNK_ELEMENTS values: ~4 MB for the CPU loop (a chunk's few buffers stay in L2/L3 cache),
 # ~32 MB on an accelerator (fewer, larger kernels). Measured on an H200 (benchmarks/scan_chunks.py,
@@ -51,10 +52,10 @@ def selective_scan_pure(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
                         return_last_state=False, *, mode=None, chunk_size=None):
     """The project's own selective scan: same contract as `selective_scan`, pure PyTorch.
 
-    mode: "loop", "parallel" or "whole" (see the module docstring); None picks "whole" on CPU
-    while the (B, L, E, N) state has at most WHOLE_MAX_ELEMENTS values, "loop" on CPU above that,
-    and "parallel" elsewhere. chunk_size: steps per chunk T (None: the mode's default; "whole"
-    has no chunks and ignores it).
+    mode: "loop", "parallel", "whole" or "fused" (see the module docstring); None picks, on CPU,
+    "fused" (or "whole" without numba, or with grouped B/C) while the (B, L, E, N) state has at
+    most WHOLE_MAX_ELEMENTS values and "loop" above that, and "parallel" elsewhere. chunk_size:
+    steps per chunk T (None: the mode's default; "whole" and "fused" have no chunks and ignore it).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if mode is None:
@@ -62,9 +63,12 @@ def selective_scan_pure(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
             mode = "parallel"
         else:
             size = u.shape[0] * u.shape[1] * u.shape[2] * A.shape[1]  # B * E * L * N
-            mode = "whole" if size <= WHOLE_MAX_ELEMENTS else "loop"
+            mode = "loop" if size > WHOLE_MAX_ELEMENTS else "fused" if fused_runs(B, C) else "whole"
     if mode not in MODES:
         raise ValueError(f"selective_scan_pure: mode={mode!r}, expected one of {MODES}")
+    if mode == "fused" and not (u.device.type == "cpu" and fused_runs(B, C)):
+        raise ValueError(f"selective_scan_pure: mode='fused' needs CPU tensors, B and C without groups and numba "
+                         f"({scan_numba_status()[1]})")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"selective_scan_pure: chunk_size={chunk_size}, expected >= 1")
     out, last_state = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -98,6 +102,26 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (dim,):
             raise ValueError(f"selective_scan: {name} must be (d_inner={dim},), got {tuple(t.shape)}")
+
+
+@functools.cache
+def scan_numba_status() -> tuple[bool, str]:
+    """(runs, why): whether the "fused" mode's compiled loops (helix_sweep.models.scan_numba) import."""
+    try:
+        import helix_sweep.models.scan_numba  # noqa: F401
+    except Exception as e:  # numba missing, or built for another numpy
+        return False, f"numba does not import ({type(e).__name__}: {e}); pip install numba"
+    return True, "numba compiles the CPU scan's loops"
+
+
+def scan_numba():
+    import helix_sweep.models.scan_numba as kernels
+
+    return kernels
+
+
+def fused_runs(B, C) -> bool:
+    return B.dim() == 3 and C.dim() == 3 and scan_numba_status()[0]
 
 
 def chunk_len(mode, chunk_size, batch, dim, d_state, length):
@@ -198,8 +222,8 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode, chunk_size):
-        if mode == "whole":
-            return _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if mode in ("whole", "fused"):
+            return _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode == "fused")
         batch, dim, length = u.shape
         d_state = A.shape[1]
         groups = B.shape[1] if B.dim() == 4 else 1
@@ -247,7 +271,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast_state):
-        if ctx.mode == "whole":
+        if ctx.mode in ("whole", "fused"):
             return _whole_backward(ctx, dout)
         u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
         mode, chunk, segment, groups = ctx.mode, ctx.chunk, ctx.segment, ctx.groups
@@ -442,8 +466,9 @@ def _whole_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
     return _time_major(u), dt, A_t, B_t, C_t
 
 
-def _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """All L states at once: (L, B, G, N, H), H innermost; a Python loop of L in-place steps."""
+def _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, fused=False):
+    """All L states at once: (L, B, G, N, H), H innermost; a Python loop of L in-place steps, or with
+    `fused` (one group only) numba's compiled loop."""
     batch, dim, length = u.shape
     needs_grad = any(ctx.needs_input_grad[:8])
     u_t, dt, A_t, B_t, C_t = _whole_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -452,49 +477,59 @@ def _whole_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     rows = length * batch * groups
     a = torch.mul(dt.view(length, batch, groups, 1, hdim), A_t).exp_()  # (L, B, G, N, H)
     dtu = dt * u_t  # (L, B, E)
-    h = torch.mul(dtu.view(length, batch, groups, 1, hdim), B_t.unsqueeze(-1))  # (L, B, G, N, H)
-    _scan_loop(a[1:], h)  # h[t] = a[t] * h[t-1] + h[t]; the start state is zero
-    y = torch.bmm(C_t.view(rows, 1, d_state), h.view(rows, d_state, hdim))  # (L*B*G, 1, H)
-    y = y.view(length, batch, dim)  # (L, B, E)
+    if fused:  # one compiled pass (scan_numba); one group
+        h = torch.empty_like(a)
+        y = torch.empty_like(dtu)
+        scan_numba().scan_forward(a.squeeze(2).numpy(), dtu.numpy(), B_t.squeeze(2).numpy(),
+                                  C_t.squeeze(2).numpy(), h.squeeze(2).numpy(), y.numpy())
+    else:
+        h = torch.mul(dtu.view(length, batch, groups, 1, hdim), B_t.unsqueeze(-1))  # (L, B, G, N, H)
+        _scan_loop(a[1:], h)  # h[t] = a[t] * h[t-1] + h[t]; the start state is zero
+        y = torch.bmm(C_t.view(rows, 1, d_state), h.view(rows, d_state, hdim))  # (L*B*G, 1, H)
+        y = y.view(length, batch, dim)  # (L, B, E)
     if D is not None:
         y.addcmul_(u_t, D.float())
-    if z is not None:
-        y.mul_(F.silu(_time_major(z), inplace=True))
-    out = _batch_last(y).to(u.dtype)  # (B, E, L)
+    z_t = _time_major(z) if z is not None else None  # (L, B, E)
+    out = _batch_last(y * F.silu(z_t) if z is not None else y).to(u.dtype)  # (B, E, L)
     last_state = h[-1].permute(0, 1, 3, 2).reshape(batch, dim, d_state).to(A.dtype)  # (B, E, N)
     ctx.mark_non_differentiable(last_state)
-    if needs_grad:
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h, a)
+    if needs_grad:  # the time-major operands too: (L, B, E)-sized, so cheap to keep, costly to redo
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h, a, u_t, dt, A_t, B_t, C_t, y, z_t)
         ctx.delta_softplus = delta_softplus
-        ctx.mode = "whole"
+        ctx.mode = "fused" if fused else "whole"
     return out, last_state
 
 
 def _whole_backward(ctx, dout):
-    """Gradients of `_whole_forward` from its saved states h and decays a (left intact, so a
-    retained graph can run its backward again)."""
-    u, delta, A, B, C, D, z, delta_bias, h, a = ctx.saved_tensors
+    """Gradients of `_whole_forward` from its saved states h, decays a, operands and output y before
+    the gate (all left intact, so a retained graph can run its backward again)."""
+    u, delta, A, B, C, D, z, delta_bias, h, a, u_t, dt, A_t, B_t, C_t, y, z_t = ctx.saved_tensors
     batch, dim, length = u.shape
-    u_t, dt, A_t, B_t, C_t = _whole_inputs(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
     groups, d_state = B_t.shape[2], B_t.shape[3]
     hdim = dim // groups
     rows = length * batch * groups
-    h_rows = h.view(rows, d_state, hdim)  # (L*B*G, N, H)
     dout_t = _time_major(dout)  # (L, B, E)
     grad_z = None
     if z is not None:
-        z_t = _time_major(z)  # (L, B, E)
         sig = torch.sigmoid(z_t)
         dy = dout_t * z_t * sig  # (L, B, E), through out = y * silu(z)
-        y = torch.bmm(C_t.view(rows, 1, d_state), h_rows).view(length, batch, dim)  # (L, B, E)
-        if D is not None:
-            y.addcmul_(u_t, D.float())
         dsilu = sig * (1 + z_t * (1 - sig))  # d silu(z) / dz
         grad_z = _batch_last(dout_t.mul_(y).mul_(dsilu)).to(z.dtype)  # (B, E, L)
     else:
         dy = dout_t
     dD = (dy * u_t).sum((0, 1)).to(D.dtype) if D is not None else None  # (E,)
     du = dy * D.float() if D is not None else torch.zeros_like(dy)  # (L, B, E)
+    if ctx.mode == "fused":
+        q, ddt = torch.empty_like(dy), torch.empty_like(dy)  # ddt starts as the decay term r
+        grad_B, grad_C = torch.empty_like(B_t), torch.empty_like(C_t)  # (L, B, 1, N)
+        dA = A_t.new_zeros(A_t.shape)  # (1, N, H)
+        scan_numba().scan_backward(a.squeeze(2).numpy(), h.squeeze(2).numpy(), (dt * u_t).numpy(), dt.numpy(),
+                                   A_t[0].numpy(), B_t.squeeze(2).numpy(), C_t.squeeze(2).numpy(),
+                                   dy.contiguous().numpy(), q.numpy(), ddt.numpy(), grad_B.squeeze(2).numpy(),
+                                   grad_C.squeeze(2).numpy(), dA[0].numpy())
+        ddt.addcmul_(q, u_t)
+        du.addcmul_(q, dt)
+        return _whole_grads(ctx, dt, ddt, du, dA, grad_B, grad_C, dD, grad_z)
     # Sums over H, the innermost dimension: a multiply and sum beats a matrix-vector bmm here.
     dy_h = dy.view(length, batch, groups, 1, hdim)  # (L, B, G, 1, H)
     grad_C = (h * dy_h).sum(-1)  # (L, B, G, N)
@@ -513,6 +548,14 @@ def _whole_backward(ctx, dout):
     dt_next = dt[1:].view(length - 1, batch, groups, 1, hdim)  # (L-1, B, G, 1, H)
     dA = (p * dt_next).sum((0, 1))  # (G, N, H)
     ddt[1:] += p.mul_(A_t).sum(3).view(length - 1, batch, dim)
+    return _whole_grads(ctx, dt, ddt, du, dA, grad_B, grad_C, dD, grad_z)
+
+
+def _whole_grads(ctx, dt, ddt, du, dA, grad_B, grad_C, dD, grad_z):
+    """The whole mode's gradients in the inputs' layouts and dtypes, from dt (after the softplus), ddt
+    and du (L, B, E), ddt before the softplus, dA (G, N, H) and grad_B, grad_C (L, B, G, N)."""
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors[:8]
+    dim, d_state = A.shape
     if ctx.delta_softplus:
         # d softplus(x) / dx = sigmoid(x) = 1 - exp(-softplus(x)), so x need not be kept.
         ddt.mul_(torch.neg(dt).expm1_().neg_())
