@@ -77,3 +77,28 @@ def test_storage_error_names_the_directory_and_the_intact_checkpoint(tmp_path):
     assert isinstance(error, CheckpointStorageError)
     assert str(error).startswith(f"ds/v/1: checkpoint storage {tmp_path} is not writable ([Errno 28] No space")
     assert f"the previous checkpoint {tmp_path / 'epoch0001-step00000010'} is intact" in str(error)
+
+
+def test_worker_prunes_only_checkpoints_from_before_it_started(tmp_path):
+    # Ray's record drops a checkpoint before its controller deletes it; a worker deleting it in
+    # between failed the controller ("Path not found"). The worker's own pruning is for checkpoints
+    # from before a restart, which Ray never deletes.
+    import json
+    from types import SimpleNamespace
+
+    from helix_sweep.sweep.worker import RAY_SNAPSHOT, RayMlflowReporter
+
+    for name in ("epoch0001-step00000010", "epoch0002-step00000020", "epoch0003-step00000030",
+                 "epoch0004-step00000040", "epoch0005-step00000050"):
+        (tmp_path / name).mkdir()
+    reporter = object.__new__(RayMlflowReporter)  # the pruning alone: no Ray context needed
+    reporter.run_dir, reporter.spec = str(tmp_path), SimpleNamespace(key="k", train=SimpleNamespace(keep_checkpoints=2))
+    reporter.found_at_start = {"epoch0001-step00000010", "epoch0002-step00000020"}  # epoch 2 still in Ray's record
+    (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": n} for n in ("epoch0002-step00000020", "epoch0004-step00000040",
+                                             "epoch0005-step00000050")]}))
+    reporter.prune()
+    # epoch 1: from before the start and unlisted, pruned; epoch 3: reported since, unlisted (Ray is
+    # about to delete it), left to Ray; epoch 2: listed
+    assert sorted(p.name for p in tmp_path.glob("epoch*")) == [
+        "epoch0002-step00000020", "epoch0003-step00000030", "epoch0004-step00000040", "epoch0005-step00000050"]

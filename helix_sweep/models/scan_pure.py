@@ -19,11 +19,13 @@ Inside a chunk the recurrence is solved one of two ways, chosen by the device:
     decays in (0, 1], so it cannot overflow the way a log-space cumsum does.
 Short sequences on CPU take a third mode, "whole" (chosen by size: B * L * E * N up to
 WHOLE_MAX_ELEMENTS, e.g. the smoke grid's B=32, L=100, E=64, N=8): no chunks, all L states at once
-in an H-innermost layout, kept for the backward (see `_whole_forward`).
+in an H-innermost layout, kept for the backward (see `_whole_forward`). Its "fused" twin, picked
+instead where numba imports and B/C have no groups, runs the same layout's recurrences in two
+numba-compiled loops (helix_sweep.models.scan_numba); everything around them is shared.
 All arithmetic is fp32 whatever the input dtype; outputs and gradients come back in the inputs'
 dtypes.
 
-One concept (the pure scan and its three formulations), hence one module over 400 lines.
+One concept (the pure scan and its formulations), hence one module over 400 lines.
 
 Legend: B batch, E d_inner, N d_state, L sequence length, G groups of B/C, H = E / G, T chunk.
 """

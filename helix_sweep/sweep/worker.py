@@ -12,8 +12,8 @@ training never waits for the tracking server; only the trial's end waits, tracki
 at most, before leaving what is undelivered in a file beside the checkpoints for whoever comes next.
 
 Storage: Ray keeps the newest `keep_checkpoints` it registered; this worker also keeps a copy of
-the best epoch's state in best/ and prunes what Ray's record no longer lists (checkpoints from
-before a restart). An unwritable or full storage stops the trial with CheckpointStorageError,
+the best epoch's state in best/ and prunes what Ray's record no longer lists among the checkpoints
+that were there when the worker started (from before a restart: Ray never deletes those). An unwritable or full storage stops the trial with CheckpointStorageError,
 naming the directory and the intact checkpoint a rerun resumes from.
 """
 
@@ -49,6 +49,7 @@ class RayMlflowReporter:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.spec, self.tracking = spec, tracking
         self.run_dir = tracking.get("run_dir", "")
+        self.found_at_start: set[str] = set()  # checkpoint folders from before this worker (load)
         self.run = None
         self.resumed = False
         self.label_names: list[str] = []
@@ -63,6 +64,7 @@ class RayMlflowReporter:
         in between (seen with ray.cluster_utils.Cluster.remove_node) leaves the snapshot one behind
         or empty, so the run directory is scanned (local or mounted shared storage). A checkpoint
         that does not load (cut short by a full disk) is skipped for the one before it."""
+        self.found_at_start = training.checkpoint_dirs(self.run_dir)
         found = training.load_newest(training.checkpoints_on_disk(self.run_dir), warn=log.warning)
         state = found[1] if found else None
         if state is None and (latest := ray.train.get_checkpoint()) is not None:
@@ -152,14 +154,17 @@ class RayMlflowReporter:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def prune(self) -> None:
-        """Delete checkpoints beyond the newest keep_checkpoints that Ray's record does not list
-        (those it lists it prunes itself, and it refuses to restore a run missing one)."""
+        """Delete checkpoints from before this worker started, beyond the newest keep_checkpoints, that
+        Ray's record does not list (those it lists it prunes itself, and it refuses to restore a run
+        missing one). Those reported since, Ray prunes itself: its record drops one before deleting it,
+        and a folder gone by then fails its controller (seen as "Path not found" on a 2-core machine)."""
         try:
             snapshot = json.loads((Path(self.run_dir) / RAY_SNAPSHOT).read_text())
             protected = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
         except (OSError, ValueError, KeyError, TypeError) as exc:  # no record yet, or a new format: keep all
             log.debug("not pruning %s: %s", self.run_dir, exc)
             return
+        protected |= training.checkpoint_dirs(self.run_dir) - self.found_at_start
         for d in training.prune(self.run_dir, self.spec.train.keep_checkpoints, protected):
             log.info("%s: pruned checkpoint %s", self.spec.key, d.name)
 

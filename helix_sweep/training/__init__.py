@@ -15,7 +15,8 @@ from helix_sweep.data import DatasetNotPrepared, require_prepared
 from helix_sweep.training import budget, packing
 from helix_sweep.training.budget import tokens_per_clip, trial_budget
 from helix_sweep.training.checkpoint import (
-    BEST_DIR, CheckpointStorageError, Progress, check_writable, checkpoint_name, checkpoints_on_disk, load_newest,
+    BEST_DIR, CheckpointStorageError, Progress, check_writable, checkpoint_dirs, checkpoint_name, checkpoints_on_disk,
+    load_newest,
     load_state, prune, save_state, storage_error,
 )
 from helix_sweep.training.loop import run_training

@@ -144,13 +144,18 @@ def to_prune(names: list[str], keep: int, protected: set[str]) -> list[str]:
     return sorted(n for n in names if n not in newest and n not in protected)
 
 
+def checkpoint_dirs(run_dir: str | Path) -> set[str]:
+    """Names of the run directory's checkpoint folders, complete or not."""
+    root = Path(run_dir) if run_dir else None
+    return {d.name for d in root.glob("epoch*-step*") if d.is_dir()} if root and root.is_dir() else set()
+
+
 def prune(run_dir: str | Path, keep: int, protected: set[str]) -> list[Path]:
     """Delete the run directory's checkpoints that `to_prune` selects (the best copy is never one)."""
     import shutil
 
     root = Path(run_dir)
-    names = [d.name for d in root.glob("epoch*-step*") if d.is_dir()]
-    doomed = [root / n for n in to_prune(names, keep, protected)]
+    doomed = [root / n for n in to_prune(sorted(checkpoint_dirs(root)), keep, protected)]
     for d in doomed:
         shutil.rmtree(d, ignore_errors=True)
     return doomed
