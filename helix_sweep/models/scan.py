@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from helix_sweep.models.scan_pure import selective_scan_pure
+from helix_sweep.models.scan_pure import scan_numba_status, selective_scan_pure
 
 # Implementations of the scan, in the order `auto` tries them. `cuda`: mamba_ssm's fused kernels;
 # `triton`: helix_sweep.models.scan_triton; `pure`: `selective_scan_pure` below.
@@ -126,8 +126,10 @@ def scan_impl_status(device: torch.device) -> dict[str, tuple[bool, str]]:
     triton_ok = (False, f"Triton kernels need a CUDA device; this is {device}")
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         triton_ok = triton_scan_status(device)
+    fused, why = scan_numba_status()
     return {"cuda": mamba_scan_status(device), "triton": triton_ok,
-            "pure": (True, "pure PyTorch, runs everywhere")}
+            "pure": (True, "the project's own scan, runs everywhere; short sequences on CPU: "
+                           + ("numba-compiled loops" if fused else f"PyTorch ops only ({why})"))}
 
 
 @functools.cache
