@@ -120,6 +120,7 @@ def test_units_verify_and_restart_forever(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # ~40 s with a real PostgreSQL; CI keeps the unit and config checks of the head
 def test_postgres_backed_server_takes_concurrent_writers_and_survives_a_replaced_head(postgres, tmp_path):
     db_port, sql = postgres
     head = H.Head(host="127.0.0.1", port=_free_port(), shared=tmp_path / "shared", db_port=db_port,

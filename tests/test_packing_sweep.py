@@ -43,6 +43,7 @@ def sweep_on_one_fake_gpu(workdir, *args) -> tuple[str, list, list]:
         cluster.shutdown()
 
 
+@pytest.mark.slow  # ~80 s of Ray sweep; the packing policy and plan stay in CI (test_packing.py)
 def test_packed_trials_share_one_gpu(ray_env):
     workdir, _ = ray_env
     log, workers, alive = sweep_on_one_fake_gpu(workdir, "variants=[helix-mel,attention-mel]")

@@ -63,6 +63,7 @@ def _smoke_sweep(client, eid) -> dict:
     return best
 
 
+@pytest.mark.slow  # headless Chromium, ~20-30 s each
 @pytest.mark.timeout(600)
 def test_mlflow_ui_and_report_in_chromium(browser, mlflow_server, tmp_path, shots):
     client = MlflowClient(mlflow_server.uri)
@@ -102,6 +103,7 @@ def test_mlflow_ui_and_report_in_chromium(browser, mlflow_server, tmp_path, shot
         assert (shots / shot).stat().st_size > 10_000
 
 
+@pytest.mark.slow  # headless Chromium, ~20-30 s each
 @pytest.mark.timeout(600)
 def test_paper_report_fits_a_laptop_page(browser, mlflow_server, tmp_path, shots):
     """Every table (Table 1 with all six variants too) and figure of the paper sweep fits a 1280 px page."""

@@ -196,6 +196,7 @@ def driver_log(workdir: Path) -> str:
     return (workdir / "driver.log").read_text()
 
 
+@pytest.mark.slow  # ~80 s sweep; CI keeps the in-process outage, refused-write and pending-file tests
 def test_server_down_at_trial_start_back_after_two_epochs(workdir, base):
     args = [*base, "train.epochs=3", "train.inject={sleep_per_step: 0.2}", "tracking_wait_s=300"]
     driver = start(workdir, *args)
