@@ -52,7 +52,8 @@ PARALLEL_CHUNK_RANGE = (16, 1024)
 
 def selective_scan_pure(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False, *, mode=None, chunk_size=None):
-    """The project's own selective scan: same contract as `selective_scan`, pure PyTorch.
+    """The project's own selective scan: same contract as `selective_scan`, PyTorch ops (plus
+    numba's compiled loops in the "fused" mode).
 
     mode: "loop", "parallel", "whole" or "fused" (see the module docstring); None picks, on CPU,
     "fused" (or "whole" without numba, or with grouped B/C) while the (B, L, E, N) state has at
