@@ -13,7 +13,8 @@ at most, before leaving what is undelivered in a file beside the checkpoints for
 
 Storage: Ray keeps the newest `keep_checkpoints` it registered; this worker also keeps a copy of
 the best epoch's state in best/ and prunes what Ray's record no longer lists among the checkpoints
-that were there when the worker started (from before a restart: Ray never deletes those). An unwritable or full storage stops the trial with CheckpointStorageError,
+that were there when the worker started (from before a restart: Ray never deletes those). An
+unwritable or full storage stops the trial with CheckpointStorageError,
 naming the directory and the intact checkpoint a rerun resumes from.
 """
 
