@@ -65,3 +65,31 @@ def test_workers_ask_their_own_cluster_with_another_ray_running(other_ray, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     [line] = [x for x in done.stdout.splitlines() if x.startswith("STATE")]
     assert expected in line, line
+
+
+def test_lean_trainer_leaves_out_only_the_cleaner_and_datasets_callbacks(tmp_path):
+    """A local grid's trials fit a TorchTrainer without the placement-group cleaner and the Ray Datasets
+    callback (two actor processes per trial that cannot act there); every other default callback stays,
+    and anywhere else (a cluster, a search) trials fit Ray's own TorchTrainer."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from helix_sweep.config import load_config
+    from helix_sweep.sweep.driver import lean_train
+    from helix_sweep.sweep.ray_runtime import trainer_class
+
+    def callbacks(cls):
+        trainer = cls(lambda config: None, scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name="t", storage_path=str(tmp_path)))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    assert trainer_class(lean=False) is TorchTrainer
+    lean = trainer_class(lean=True)
+    assert issubclass(lean, TorchTrainer) and lean is not TorchTrainer
+    full = callbacks(TorchTrainer)
+    assert {"PlacementGroupCleanerCallback", "DatasetsCallback", "BackendSetupCallback"} <= set(full)
+    assert callbacks(lean) == [c for c in full if c not in ("PlacementGroupCleanerCallback", "DatasetsCallback")]
+
+    assert lean_train(load_config([]))
+    assert not lean_train(load_config(["ray_address=127.0.0.1:6379"]))
+    assert not lean_train(load_config(["search.num_samples=4"]))

@@ -55,7 +55,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
     restored trial logs to the tracking server the driver was restarted with."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from helix_sweep.sweep.worker import train_worker
@@ -67,7 +67,8 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
     if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
         spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
-    trainer = lambda spec: TorchTrainer(  # built inside the try below: Ray checks the storage as it starts
+    trainer_cls = ray_runtime.trainer_class(lean=where.get("lean_train", False))
+    trainer = lambda spec: trainer_cls(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": spec,
                            "tracking": {**where["tracking"], "run_dir": run_dir},
@@ -106,6 +107,13 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
             end_run(where["tracking"]["uri"], spec, run_dir, S.FAILED, str(error))
             raise error from exc
         raise
+
+
+def lean_train(cfg: SweepConfig) -> bool:
+    """Trials fit ray_runtime's lean TorchTrainer on a local Ray (the driver's own, not a cluster) for a
+    grid (a search's scheduler stops trials, and only a stopped trial or a lost node needs the
+    placement-group cleaner)."""
+    return cfg.ray_address is None and cfg.search.num_samples == 0
 
 
 WHOLE_GPU = "whole_gpu"  # in a trial's Train run directory: it ran out of memory packed, retried whole
@@ -239,9 +247,10 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
     experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
     check_data(trials)
     runnable = [t for t in trials if t.status == "run"]
+    own_ray = not ray.is_initialized()  # a local Ray started here (not a cluster, nor a caller's Ray)
     with ThreadPoolExecutor(1) as pool:  # the MLflow server (a subprocess) starts while Ray does
         server = None if cfg.tracking_uri else pool.submit(tracking.ensure_tracking_server, cfg.workdir_path)
-        if runnable and not ray.is_initialized():
+        if runnable and own_ray:
             # the dashboard serves the state API that Ray Train uses to watch its controllers
             # "local": a fresh local runtime, never someone else's cluster on the same machine
             ray.init(address=cfg.ray_address or "local", log_to_driver=True,
@@ -278,7 +287,7 @@ def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
              + (" ..." if len(runnable) > 8 else ""))
     # read by each trial as it starts, from this driver (see train_trial), not frozen into Tune's state
     where = {"tracking": {"uri": uri, "finish_wait_s": cfg.tracking_wait_s}, "storage_path": str(exp_dir / "trials"),
-             "max_failures": cfg.max_failures}
+             "max_failures": cfg.max_failures, "lean_train": own_ray and lean_train(cfg)}
     param_space: dict = {}
     # reuse_actors: a finished trial's Tune actor (a process that has imported torch, MLflow and
     # this package) runs the next trial instead of a new one being started; train_trial keeps no state

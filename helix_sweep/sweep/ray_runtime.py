@@ -11,11 +11,25 @@
   test cluster) that call fails with "Found multiple active Ray instances", the cleaner's thread
   dies, and the placement group of a trial that Tune stopped (ASHA, a search's early stop) is never
   removed: its CPUs or GPUs stay held and the next trials wait for them forever.
+
+`trainer_class(lean)`: on a local Ray running a grid (no scheduler that stops trials), each trial's
+TorchTrainer leaves out two per-trial helpers that cannot act there: the PlacementGroupCleaner (an
+actor process polling the state API every second, which removes a trial's placement group if its
+controller dies while the driver lives: only a Tune-stopped trial or a lost node does that, and a
+local grid has neither; when the driver dies, Ray removes the job's groups itself) and the Ray
+Datasets callback (a DatasetManager actor per trial; our workers read Arrow shards, no Ray Datasets).
+Each is a process importing ray.train: on 2 cores ~7 s of CPU per trial (benchmarks/RESULTS.md).
+Ray has no switch for them, so this overrides TorchTrainer's private `_create_default_callbacks`;
+where that or the callback classes have moved (another Ray), it is Ray's TorchTrainer unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from functools import cache
+
+log = logging.getLogger(__name__)
 
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
@@ -31,3 +45,32 @@ def pin_ray_address() -> None:
 def runtime_env() -> dict:
     return {"env_vars": {"PYTHONUNBUFFERED": "1", **TRAIN_ENV},
             "worker_process_setup_hook": f"{__name__}.pin_ray_address"}
+
+
+def trainer_class(lean: bool):
+    """The TorchTrainer class a trial fits: Ray's, or with `lean` the one without the helpers above."""
+    from ray.train.torch import TorchTrainer
+
+    return (lean and _lean_trainer()) or TorchTrainer
+
+
+@cache
+def _lean_trainer():
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError as exc:
+        log.info("Ray Train's default callbacks moved (%s): trials use the full TorchTrainer", exc)
+        return None
+    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
+        log.info("TorchTrainer has no _create_default_callbacks: trials use the full TorchTrainer")
+        return None
+    unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+    return LeanTorchTrainer
