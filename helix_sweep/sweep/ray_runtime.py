@@ -18,7 +18,7 @@ actor process polling the state API every second, which removes a trial's placem
 controller dies while the driver lives: only a Tune-stopped trial or a lost node does that, and a
 local grid has neither; when the driver dies, Ray removes the job's groups itself) and the Ray
 Datasets callback (a DatasetManager actor per trial; our workers read Arrow shards, no Ray Datasets).
-Each is a process importing ray.train: on 2 cores ~7 s of CPU per trial (benchmarks/RESULTS.md).
+Each is a process importing ray.train: together ~10 s of CPU per trial on 2 cores (benchmarks/RESULTS.md).
 Ray has no switch for them, so this overrides TorchTrainer's private `_create_default_callbacks`;
 where that or the callback classes have moved (another Ray), it is Ray's TorchTrainer unchanged.
 """
