@@ -92,16 +92,33 @@ def test_changed_settings_refuse_to_continue(sweep):
     assert "was started with other settings" in proc.stderr and "lr" in proc.stderr
 
 
-def test_report_and_mlflow_ui_of_the_real_sweep(sweep, browser, tmp_path):
-    """The report regenerated from this real sweep's runs, and both seen in headless chromium."""
-    from helix_sweep.report.tables import pct
-
-    workdir, _, uri = sweep
-    out = tmp_path / "dashboards"
+def report_of(uri: str, out: Path) -> Path:
+    """`python -m helix_sweep.report` on the sweep's runs; the page it wrote."""
     proc = subprocess.run([sys.executable, "-m", "helix_sweep.report", f"tracking_uri={uri}", f"out={out}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [index] = list(out.glob("*/index.html"))
+    return index
+
+
+def test_report_of_the_real_sweep(sweep, tmp_path):
+    """The report regenerated from this real sweep's runs shows every trial's best test accuracy."""
+    from helix_sweep.report.tables import pct
+
+    workdir, _, uri = sweep
+    html = report_of(uri, tmp_path / "dashboards").read_text()
+    _, trials, _ = trial_runs(uri)
+    for r in trials:
+        assert f">{pct(r.data.metrics['best_test_acc'])}<" in html, r.info.run_name
+
+
+@pytest.mark.slow  # needs Debian's chromium, which CI does not install (as tests/test_report_browser.py)
+def test_report_and_mlflow_ui_of_the_real_sweep(sweep, browser, tmp_path):
+    """The report and the MLflow runs table of this real sweep, seen in headless chromium."""
+    from helix_sweep.report.tables import pct
+
+    workdir, _, uri = sweep
+    index = report_of(uri, tmp_path / "dashboards")
     client, trials, _ = trial_runs(uri)
     page = browser.new_page(viewport={"width": 1600, "height": 1200})
     page.set_default_timeout(90_000)
