@@ -15,8 +15,8 @@
 `trainer_class(lean)`: on a local Ray running a grid (no scheduler that stops trials), each trial's
 TorchTrainer leaves out two per-trial helpers that cannot act there: the PlacementGroupCleaner (an
 actor process polling the state API every second, which removes a trial's placement group if its
-controller dies while the driver lives: only a Tune-stopped trial or a lost node does that, and a
-local grid has neither; when the driver dies, Ray removes the job's groups itself) and the Ray
+controller dies while the driver lives: a Tune-stopped trial or a lost node, which a local grid
+does not have; when the driver dies, Ray removes the job's groups itself) and the Ray
 Datasets callback (a DatasetManager actor per trial; our workers read Arrow shards, no Ray Datasets).
 Each is a process importing ray.train: together ~10 s of CPU per trial on 2 cores (benchmarks/RESULTS.md).
 Ray has no switch for them, so this overrides TorchTrainer's private `_create_default_callbacks`;

@@ -249,10 +249,11 @@ def keep_freed_memory() -> bool:
 
     A CPU training step allocates and frees tensors of a few MB (the scan's (L, B, N, E) states and
     decays: 6.5 MB each at the smoke sizes). By default glibc serves such blocks with mmap or trims
-    them off the heap when freed, so every step faults the same pages back in, zero-filled by the
-    kernel: ~25,000 minor faults and ~50 ms of kernel time in a ~0.35 s smoke mamba-raw step. After
-    this, blocks up to 32 MB come from the heap, which keeps up to 1 GiB free: the process holds on
-    to its peak. Returns False where there is no mallopt (not glibc) or it refused."""
+    them off the heap when freed, so steps fault the same pages back in, zero-filled by the kernel:
+    in a smoke mamba-raw trial's Train worker 5,000-10,000 minor faults a second and ~3% of its CPU
+    in the kernel (in a bare process running the same step, ~25,000 faults and ~50 ms a ~0.35 s
+    step). After this, blocks up to 32 MB come from the heap, which keeps up to 1 GiB free: the
+    process holds on to its peak. Returns False where there is no mallopt (not glibc) or it refused."""
     import ctypes
 
     try:
