@@ -202,11 +202,9 @@ class RayMlflowReporter:
         the run stays open, with the reason noted."""
         if progress.status != S.OOM or not packed(self.spec):
             return False
-        if self.rank == 0 and self.run is not None:
-            run = self.run
-            note = f"out of memory on {format_fraction(self.spec.budget.gpu_fraction)} of a GPU, retried on a " \
-                   f"whole GPU: {trial.stop_reason}"
-            run.buffer.add("the packed oom note", lambda: run.client.set_tag(run.run_id, S.PACKED_OOM, note[:5000]))
+        if self.rank == 0 and self.run is not None:  # a tag write, through the run's outage buffer
+            self.run.set_tags({S.PACKED_OOM: f"out of memory on {format_fraction(self.spec.budget.gpu_fraction)} "
+                                             f"of a GPU, retried on a whole GPU: {trial.stop_reason}"})
         return True
 
     def close(self, progress: Progress) -> None:
