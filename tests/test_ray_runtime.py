@@ -90,6 +90,44 @@ def test_lean_trainer_leaves_out_only_the_cleaner_and_datasets_callbacks(tmp_pat
     assert {"PlacementGroupCleanerCallback", "DatasetsCallback", "BackendSetupCallback"} <= set(full)
     assert callbacks(lean) == [c for c in full if c not in ("PlacementGroupCleanerCallback", "DatasetsCallback")]
 
+    # one CPU worker: Ray's DataParallelTrainer with the plain backend, the same callbacks otherwise
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    single = trainer_class(lean=True, torch_backend=False)
+    assert issubclass(single, DataParallelTrainer) and not issubclass(single, TorchTrainer)
+    assert callbacks(single) == callbacks(lean)
+    assert trainer_class(lean=False, torch_backend=False) is TorchTrainer
+
     assert lean_train(load_config([]))
     assert not lean_train(load_config(["ray_address=127.0.0.1:6379"]))
     assert not lean_train(load_config(["search.num_samples=4"]))
+
+
+def test_a_single_cpu_worker_trials_controller_needs_no_torch(tmp_path):
+    """What a lean one-CPU-worker trial sends its controller process (the run context and the callbacks)
+    unpickles without importing torch; a TorchTrainer's (its TorchConfig) imports it."""
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+
+    from helix_sweep.config import load_config
+    from helix_sweep.sweep.grid import expand_grid
+    from helix_sweep.sweep.ray_runtime import trainer_class
+
+    spec = expand_grid(load_config(["variants=[mamba-raw]"]))[0]
+
+    def controller_imports_torch(cls, **kw) -> bool:
+        trainer = cls(lambda config: None, train_loop_config={"trial": spec},
+                      scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(name="t", storage_path=str(tmp_path)), **kw)
+        blob = tmp_path / "controller.pkl"
+        blob.write_bytes(cloudpickle.dumps((trainer.train_run_context, trainer._create_default_callbacks())))
+        code = f"import pickle, sys; pickle.loads(open({str(blob)!r}, 'rb').read()); print('torch' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip() == "True"
+
+    from ray.train.torch import TorchConfig
+
+    assert not controller_imports_torch(trainer_class(lean=True, torch_backend=False),
+                                        torch_config=TorchConfig(backend="gloo"))
+    assert controller_imports_torch(trainer_class(lean=True), torch_config=TorchConfig(backend="gloo"))

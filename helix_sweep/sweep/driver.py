@@ -67,7 +67,8 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
     use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
     if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
         spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
-    trainer_cls = ray_runtime.trainer_class(lean=where.get("lean_train", False))
+    trainer_cls = ray_runtime.trainer_class(lean=where.get("lean_train", False),
+                                            torch_backend=use_gpu or r.num_workers > 1)
     trainer = lambda spec: trainer_cls(  # built inside the try below: Ray checks the storage as it starts
         train_worker,
         train_loop_config={"trial": spec,

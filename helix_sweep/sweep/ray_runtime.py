@@ -19,8 +19,12 @@ controller dies while the driver lives: a Tune-stopped trial or a lost node, whi
 does not have; when the driver dies, Ray removes the job's groups itself) and the Ray
 Datasets callback (a DatasetManager actor per trial; our workers read Arrow shards, no Ray Datasets).
 Each is a process importing ray.train: together ~10 s of CPU per trial on 2 cores (benchmarks/RESULTS.md).
-Ray has no switch for them, so this overrides TorchTrainer's private `_create_default_callbacks`;
+Ray has no switch for them, so this overrides the trainer's private `_create_default_callbacks`;
 where that or the callback classes have moved (another Ray), it is Ray's TorchTrainer unchanged.
+A lean trial of one CPU worker (the smoke grid's) also has no torch process group to set up (a
+world of one issues no collective, helix_sweep.training.distributed): it fits Ray's
+DataParallelTrainer with the plain backend instead of TorchTrainer, whose TorchConfig, unpickled in
+the trial's controller process, makes that process import torch (~2.5 s of CPU per trial on 2 cores).
 """
 
 from __future__ import annotations
@@ -47,25 +51,29 @@ def runtime_env() -> dict:
             "worker_process_setup_hook": f"{__name__}.pin_ray_address"}
 
 
-def trainer_class(lean: bool):
-    """The TorchTrainer class a trial fits: Ray's, or with `lean` the one without the helpers above."""
+def trainer_class(lean: bool, torch_backend: bool = True):
+    """The trainer class a trial fits: Ray's TorchTrainer, or with `lean` the one without the helpers
+    above; with `lean` and not `torch_backend` (one CPU worker) the lean DataParallelTrainer. Every one
+    takes TorchTrainer's arguments (the lean DataParallelTrainer drops torch_config)."""
     from ray.train.torch import TorchTrainer
 
-    return (lean and _lean_trainer()) or TorchTrainer
+    return (lean and _lean_trainer(torch_backend)) or TorchTrainer
 
 
 @cache
-def _lean_trainer():
+def _lean_trainer(torch_backend: bool):
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     except ImportError as exc:
         log.info("Ray Train's default callbacks moved (%s): trials use the full TorchTrainer", exc)
         return None
-    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
-        log.info("TorchTrainer has no _create_default_callbacks: trials use the full TorchTrainer")
+    if not (issubclass(TorchTrainer, DataParallelTrainer)
+            and callable(getattr(DataParallelTrainer, "_create_default_callbacks", None))):
+        log.info("Ray Train's trainers changed: trials use the full TorchTrainer")
         return None
     unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
 
@@ -73,4 +81,11 @@ def _lean_trainer():
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
-    return LeanTorchTrainer
+    class LeanTrainer(DataParallelTrainer):
+        def __init__(self, train_loop_per_worker, *, torch_config=None, **kwargs):
+            super().__init__(train_loop_per_worker, **kwargs)  # the plain backend: no process group
+
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
+
+    return LeanTorchTrainer if torch_backend else LeanTrainer
