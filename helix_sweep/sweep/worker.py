@@ -45,9 +45,11 @@ FINISH_WAIT_S = 30.0  # how long a trial's end waits for an unreachable tracking
 
 
 class RayMlflowReporter:
-    def __init__(self, spec: TrialSpec, tracking: dict):
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+    def __init__(self, spec: TrialSpec, tracking: dict, rank: Optional[int] = None, world_size: int = 1):
+        if rank is None:  # in a Train worker: its place in the worker group
+            ctx = ray.train.get_context()
+            rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world_size = rank, world_size
         self.spec, self.tracking = spec, tracking
         self.run_dir = tracking.get("run_dir", "")
         self.found_at_start: set[str] = set()  # checkpoint folders from before this worker (load)
