@@ -9,7 +9,7 @@ import logging
 import sys
 
 from helix_sweep.config import ConfigError, load_config, parse_overrides, to_yaml
-from helix_sweep.sweep.grid import NARROWING_KEYS, expand_grid, name_experiment
+from helix_sweep.sweep.grid import NARROWING_KEYS, datasets_read, expand_grid, name_experiment
 from helix_sweep.training.packing import format_fraction
 
 
@@ -45,6 +45,18 @@ def plan_trials(argv: list[str]):
     return cfg, trials
 
 
+def check_data(trials) -> None:
+    """Every real dataset a trial reads is prepared, from the source subset the trial names; raises
+    ConfigError naming the prepare command. (The synthetic ones are made by the driver as Ray starts.)"""
+    from helix_sweep.data import DatasetNotPrepared, require_prepared
+
+    for root, dataset, subset in datasets_read(trials, synthetic=False):
+        try:
+            require_prepared(root, dataset, subset or None)
+        except DatasetNotPrepared as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,11 +78,21 @@ def main(argv: list[str] | None = None) -> int:
               f"search: {cfg.search.num_samples} samples minimising {cfg.search.metric}")
     if cfg.dry_run:
         return 0
+    try:
+        check_data(trials)
+    except ConfigError as exc:
+        print(f"helix_sweep: {exc}", file=sys.stderr)
+        return 2
+    # Checked: MLflow's server (~10 s to start on 2 cores) now starts while the driver imports Ray,
+    # makes the synthetic data and starts Ray.
+    from helix_sweep.sweep.tracking import start_tracking_server
+
+    server = None if cfg.tracking_uri else start_tracking_server(cfg.workdir_path)
     from helix_sweep.sweep.driver import run_sweep  # imports Ray and MLflow: only when running
 
     try:
-        return run_sweep(cfg, trials)
-    except ConfigError as exc:  # found only once the experiment or data is looked at: still before Ray
+        return run_sweep(cfg, trials, server)
+    except ConfigError as exc:  # found once the experiment is looked at (its lock, its settings): before Ray
         print(f"helix_sweep: {exc}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ _LAZY = {
     "DatasetNotPrepared": "tasks",
     "DATASETS": "tasks",
     "require_prepared": "tasks",
+    "is_synthetic": "tasks",
     "Task": "tasks",
     "ClipSet": "tasks",
     "prepare": "prepare",

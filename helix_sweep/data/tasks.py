@@ -223,6 +223,11 @@ def _ensure_prepared(root: Path, dataset: str, spec: TaskSpec) -> Path:
     return ddir
 
 
+def is_synthetic(dataset: str) -> bool:
+    """Built here from nothing (generated on first use), not prepared from a real source."""
+    return task_spec(dataset).base in SYNTHETIC_BASES
+
+
 def require_prepared(data_root: str | Path, dataset: str, subset: str | None = None) -> Path:
     """Fail fast (before any trial starts) if `dataset` cannot be opened under `data_root`.
 

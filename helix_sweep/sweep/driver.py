@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSp
 from helix_sweep.sweep import experiment, ray_runtime, runs, tracking, trial_run
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.outage import is_outage
+from helix_sweep.sweep.grid import datasets_read
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import apply_sample, sample_key, search_space, searcher_and_scheduler
 from helix_sweep.training import check_writable, format_fraction, storage_error
@@ -30,17 +31,13 @@ from helix_sweep.training import check_writable, format_fraction, storage_error
 log = logging.getLogger(__name__)
 
 
-def check_data(trials: list[TrialSpec]) -> None:
-    """Every dataset a trial reads is prepared, from the source subset the trial names (synthetic ones
-    are generated here, once, so parallel trials do not race to generate them)."""
-    from helix_sweep.training import DatasetNotPrepared, require_prepared
+def make_data(trials: list[TrialSpec]) -> None:
+    """Generate the synthetic datasets the trials read, once, here (parallel trials would race to);
+    the real ones were checked before (run.check_data)."""
+    from helix_sweep.training import require_prepared
 
-    needed = {(t.data_root, t.dataset, t.task_options.get("subset") or "") for t in trials if t.status == "run"}
-    for root, dataset, subset in sorted(needed):
-        try:
-            require_prepared(root, dataset, subset or None)
-        except DatasetNotPrepared as exc:
-            raise ConfigError(str(exc)) from None
+    for root, dataset, subset in datasets_read(trials, synthetic=True):
+        require_prepared(root, dataset, subset or None)
 
 
 def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
@@ -236,26 +233,29 @@ def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> N
         runs.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
 
 
-def run_sweep(cfg: SweepConfig, trials: list[TrialSpec]) -> int:
-    """Run (or continue) the experiment the trials belong to, holding its lock throughout."""
+def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], server: Future | None = None) -> int:
+    """Run (or continue) the experiment the trials belong to, holding its lock throughout. `server`:
+    the work directory's MLflow server already starting (tracking.start_tracking_server), if any."""
     exp_dir = experiment.experiment_dir(cfg.workdir_path, trials[0].experiment, cfg.resume)
     with experiment.ExperimentLock(exp_dir):
-        return _sweep(cfg, trials, exp_dir)
+        return _sweep(cfg, trials, exp_dir, server)
 
 
-def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path) -> int:
+def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: Future | None) -> int:
     name = trials[0].experiment  # the MLflow experiment (the folder may be a resumed path's)
     experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
-    check_data(trials)
     runnable = [t for t in trials if t.status == "run"]
     own_ray = not ray.is_initialized()  # a local Ray started here (not a cluster, nor a caller's Ray)
-    with ThreadPoolExecutor(1) as pool:  # the MLflow server (a subprocess) starts while Ray does
-        server = None if cfg.tracking_uri else pool.submit(tracking.ensure_tracking_server, cfg.workdir_path)
+    with ThreadPoolExecutor(2) as pool:  # the MLflow server (a subprocess) and the synthetic data, while Ray starts
+        if server is None and not cfg.tracking_uri:
+            server = pool.submit(tracking.ensure_tracking_server, cfg.workdir_path)
+        made = pool.submit(make_data, trials)
         if runnable and own_ray:
             # the dashboard serves the state API that Ray Train uses to watch its controllers
             # "local": a fresh local runtime, never someone else's cluster on the same machine
             ray.init(address=cfg.ray_address or "local", log_to_driver=True,
                      runtime_env=ray_runtime.runtime_env())
+        made.result()
         uri = cfg.tracking_uri or server.result()
     try:
         tracking.check_tracking_reachable(uri)

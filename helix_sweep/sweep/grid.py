@@ -30,6 +30,15 @@ from helix_sweep.models.frontends import first_clip_tokens
 from helix_sweep.training import packing, tokens_per_clip, trial_budget
 
 
+def datasets_read(trials, synthetic: bool) -> list[tuple[str, str, str]]:
+    """(data root, dataset, source subset) of each synthetic (or each real) dataset the trials that run
+    read, once each, sorted."""
+    from helix_sweep.data import is_synthetic
+
+    return sorted({(t.data_root, t.dataset, t.task_options.get("subset") or "") for t in trials
+                   if t.status == "run" and is_synthetic(t.dataset) == synthetic})
+
+
 def spread_pattern(n_layers: int, n_attention: int) -> str:
     """k attention layers spread evenly over n: layer floor((i + 1/2) * n / k) for i < k.
 

@@ -38,6 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,6 +105,16 @@ def ensure_tracking_server(
                 _terminate_group(info["pid"])
             (tdir / SERVER_FILE).unlink(missing_ok=True)
         return _start_server(tdir, host, port if port is not None else _free_port(host), timeout)
+
+
+def start_tracking_server(workdir: Path) -> Future:
+    """`ensure_tracking_server(workdir)` in a background thread; its Future gives the URI (or raises its
+    error). The server takes ~10 s to come up on 2 cores, which the caller spends on other work."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-start")
+    try:
+        return pool.submit(ensure_tracking_server, workdir)
+    finally:
+        pool.shutdown(wait=False)  # the thread finishes the start (and its server record) on its own
 
 
 def _start_server(tdir: Path, host: str, port: int, timeout: float) -> str:
