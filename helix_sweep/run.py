@@ -79,22 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dry_run:
         return 0
     try:
-        check_data(trials)
+        return run(cfg, trials)
     except ConfigError as exc:
         print(f"helix_sweep: {exc}", file=sys.stderr)
         return 2
-    # Checked: MLflow's server (~10 s to start on 2 cores) now starts while the driver imports Ray,
-    # makes the synthetic data and starts Ray.
+
+
+def run(cfg, trials) -> int:
+    """The checks that need no process (the real datasets, the experiment's folder, its lock, its
+    settings: a refused run writes nothing), then the sweep, holding the experiment's lock. MLflow's
+    server (~10 s to start on 2 cores) starts first, while the driver imports Ray, makes the synthetic
+    data and starts Ray."""
+    from helix_sweep.sweep import experiment
     from helix_sweep.sweep.tracking import start_tracking_server
 
-    server = None if cfg.tracking_uri else start_tracking_server(cfg.workdir_path)
-    from helix_sweep.sweep.driver import run_sweep  # imports Ray and MLflow: only when running
+    check_data(trials)
+    exp_dir = experiment.experiment_dir(cfg.workdir_path, trials[0].experiment, cfg.resume)
+    with experiment.ExperimentLock(exp_dir):
+        experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
+        server = None if cfg.tracking_uri else start_tracking_server(cfg.workdir_path)
+        from helix_sweep.sweep.driver import run_sweep  # imports Ray and MLflow: only when running
 
-    try:
-        return run_sweep(cfg, trials, server)
-    except ConfigError as exc:  # found once the experiment is looked at (its lock, its settings): before Ray
-        print(f"helix_sweep: {exc}", file=sys.stderr)
-        return 2
+        return run_sweep(cfg, trials, exp_dir, server)
 
 
 if __name__ == "__main__":

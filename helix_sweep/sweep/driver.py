@@ -19,8 +19,8 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec, to_yaml
-from helix_sweep.sweep import experiment, ray_runtime, runs, tracking, trial_run
+from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec
+from helix_sweep.sweep import ray_runtime, runs, tracking, trial_run
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.outage import is_outage
 from helix_sweep.sweep.grid import datasets_read
@@ -233,17 +233,11 @@ def record_planned_oom(client, experiment_id: str, trials: list[TrialSpec]) -> N
         runs.update_parent_aggregates(client, experiment_id, t.dataset, t.variant)
 
 
-def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], server: Future | None = None) -> int:
-    """Run (or continue) the experiment the trials belong to, holding its lock throughout. `server`:
-    the work directory's MLflow server already starting (tracking.start_tracking_server), if any."""
-    exp_dir = experiment.experiment_dir(cfg.workdir_path, trials[0].experiment, cfg.resume)
-    with experiment.ExperimentLock(exp_dir):
-        return _sweep(cfg, trials, exp_dir, server)
-
-
-def _sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: Future | None) -> int:
+def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: Future | None = None) -> int:
+    """Run (or continue) the experiment in exp_dir, whose lock the caller holds and whose settings it
+    checked (helix_sweep.run). `server`: the work directory's MLflow server already starting
+    (tracking.start_tracking_server), if any."""
     name = trials[0].experiment  # the MLflow experiment (the folder may be a resumed path's)
-    experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
     runnable = [t for t in trials if t.status == "run"]
     own_ray = not ray.is_initialized()  # a local Ray started here (not a cluster, nor a caller's Ray)
     with ThreadPoolExecutor(2) as pool:  # the MLflow server (a subprocess) and the synthetic data, while Ray starts
