@@ -1,4 +1,5 @@
-"""The sweep driver: checks, tracking server, Ray, one Tune trial per TrialSpec, results table.
+"""The sweep driver: the tracking server, Ray, one Tune trial per TrialSpec, the results table (the checks
+that need no process come first, in helix_sweep.run).
 
 Each Tune trial is a thin function that builds and fits a Ray Train TorchTrainer (the supported
 Train-inside-Tune pattern of Train V2). Its RunConfig has a name from the trial key and a fixed
