@@ -77,15 +77,15 @@ def _lean_trainer(torch_backend: bool):
         return None
     unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
 
-    class LeanTorchTrainer(TorchTrainer):
+    class WithoutHelpers:
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
-    class LeanTrainer(DataParallelTrainer):
+    class LeanTorchTrainer(WithoutHelpers, TorchTrainer):
+        pass
+
+    class LeanTrainer(WithoutHelpers, DataParallelTrainer):
         def __init__(self, train_loop_per_worker, *, torch_config=None, **kwargs):
             super().__init__(train_loop_per_worker, **kwargs)  # the plain backend: no process group
-
-        def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
     return LeanTorchTrainer if torch_backend else LeanTrainer
