@@ -109,14 +109,15 @@ def test_scan_with_large_steps(mode):
         assert rel_err(grads[name].double(), ref_grads[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("groups", [None, 2])
 @pytest.mark.parametrize("mode", scan_pure.MODES)
-def test_scan_without_optional_inputs_and_with_groups(mode):
-    inputs = make_inputs(2, 8, 4, 21, groups=2, seed=3)
+def test_scan_without_optional_inputs_and_with_groups(mode, groups):
+    inputs = make_inputs(2, 8, 4, 21, groups=groups, seed=3)
     for k in ("D", "z", "delta_bias"):
         inputs.pop(k)
     inputs["delta"] = inputs["delta"].abs() * 0.3  # positive step sizes, no softplus
     dout = torch.randn(2, 8, 21, generator=torch.Generator().manual_seed(2))
-    if mode == "fused":  # its compiled loops take one group; asked for explicitly, it refuses
+    if mode == "fused" and groups:  # its compiled loops take one group; asked for explicitly, it refuses
         with pytest.raises(ValueError, match="without groups"):
             selective_scan_pure(**inputs, mode=mode)
         return
@@ -141,9 +142,10 @@ def test_last_state_and_dispatch_on_cpu():
 
 
 def test_cpu_mode_is_chosen_by_size(monkeypatch):
-    calls = []
-    whole_forward = scan_pure._whole_forward
-    monkeypatch.setattr(scan_pure, "_whole_forward", lambda *a: calls.append(a[1].shape) or whole_forward(*a))
+    calls = []  # the u shapes of the all-states modes ("whole" and "fused") that ran
+    for name in ("_whole_forward", "_fused_forward"):
+        forward = getattr(scan_pure, name)
+        monkeypatch.setattr(scan_pure, name, lambda *a, f=forward: calls.append(a[1].shape) or f(*a))
     small, large = make_inputs(2, 8, 4, 30, seed=12), make_inputs(2, 8, 4, 31, seed=12)
     monkeypatch.setattr(scan_pure, "WHOLE_MAX_ELEMENTS", 2 * 8 * 4 * 30)  # B * E * N * L of `small`
     assert torch.equal(selective_scan_pure(**small, delta_softplus=True),
@@ -316,13 +318,15 @@ def test_mamba_kernel_agrees_with_pure_scan():
 def test_cpu_picks_the_fused_loops_for_short_sequences_when_numba_imports(monkeypatch):
     inputs = make_inputs(2, 8, 4, 21, seed=5)
     picked = []
-    forward = scan_pure._whole_forward
-    monkeypatch.setattr(scan_pure, "_whole_forward", lambda ctx, *a: picked.append(a[-1]) or forward(ctx, *a))
-    selective_scan_pure(**inputs)
-    assert picked == [True]  # numba is a dependency: the fused loops run
+    for name in ("_whole_forward", "_fused_forward"):
+        forward = getattr(scan_pure, name)
+        monkeypatch.setattr(scan_pure, name, lambda *a, f=forward, n=name: picked.append(n) or f(*a))
+    fused = selective_scan_pure(**inputs, delta_softplus=True)
+    assert picked == ["_fused_forward"]  # numba is a dependency: the compiled kernels run
     monkeypatch.setattr(scan_pure, "scan_numba_status", lambda: (False, "numba does not import (test)"))
-    selective_scan_pure(**inputs)
-    assert picked == [True, False]  # without numba, the PyTorch "whole" mode, same numbers
+    whole = selective_scan_pure(**inputs, delta_softplus=True)
+    assert picked == ["_fused_forward", "_whole_forward"]  # without numba, the PyTorch "whole" mode
+    assert rel_err(fused.double(), whole.double()) <= 1e-6  # same numbers
     with pytest.raises(ValueError, match="numba does not import"):
         selective_scan_pure(**inputs, mode="fused")
 

@@ -1,84 +1,219 @@
-"""The CPU selective scan's inner loops, compiled with numba: the "fused" mode of `selective_scan_pure`.
+"""The CPU selective scan of short sequences, compiled with numba: the "fused" mode of `selective_scan_pure`.
 
-The "whole" mode (scan_pure) holds all L states of a short sequence at once and spends its time in
-~15 full passes over the (L, B, N, H) tensors plus 2L small in-place steps. These two kernels do the
-forward recurrence with its output, and the reverse recurrence with every gradient it feeds, in one
-pass each, with H (d_inner) innermost so the compiler vectorises it. The decays exp(delta * A) still
-come from one vectorised torch.exp (numba's scalar exp would cost more than everything else here).
+Two kernels, one batch element at a time, everything of that element in cache:
+- `fused_forward`: the decays exp(delta * A), the recurrence, <h, C>, the D skip and the silu(z)
+  gate, in one pass; it writes the output and the last state and keeps nothing else.
+- `fused_backward`: recomputes that element's decays and states (L x N x E values, ~200 KB at the
+  smoke sizes: cheaper than keeping them for the whole batch and reading them back), then runs the
+  reverse recurrence and writes every gradient.
+The inputs come in the layouts the mixer has them in ((B, E, L) views, often of (B, L, E) memory),
+are read once into per-element (L, E) scratch, and the outputs are written (B, L, E): the mixer's
+next linear layer reads that without a copy. The PyTorch "whole" mode spent about half its time in
+those transposing copies and in the full-batch (L, B, N, E) decay and state tensors.
 
-fastmath is limited to reassociation and contraction: the H-sums vectorise, while NaN and inf still
-propagate, so a non-finite loss is still seen as one. Compiled on first use and cached next to this
+`_exp`: numba's math.exp is a scalar call (the PyPI llvmlite has no SVML), 2.8x slower here than a
+vectorised polynomial, and the decays are most of the work (B*L*N*E of them per call). Cephes'
+single-precision exp (range reduction by ln 2, a degree-6 polynomial): within 1 ulp of torch.exp on
+the decays' range; NaN propagates, overflow saturates at exp(88.7), underflow at exp(-87.3).
+
+fastmath is limited to reassociation and contraction: the E-sums vectorise, while NaN and inf still
+propagate, so a non-finite loss is still seen as one. Explicit signatures (float32, any strides) keep
+one compiled version whatever the inputs' layouts; compiled on first import and cached next to this
 file (numba's cache), so later processes load it in well under a second.
 
-Legend: L sequence length, B batch, N d_state, H d_inner (one group).
+Legend: L sequence length, B batch, N d_state, E d_inner (one group).
 """
 
 from __future__ import annotations
+
 
 import numba
 import numpy as np
 
 FASTMATH = {"reassoc", "contract"}
+f32 = np.float32
+
+_A3, _C3 = "float32[:, :, :]", "float32[:, :, ::1]"  # any strides / C-contiguous
+FORWARD_SIG = (f"void({_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, "
+               f"{_C3}, {_C3})")
+BACKWARD_SIG = (f"void({_A3}, {_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, boolean, "
+                f"{_A3}, {_A3}, {_A3}, {_A3}, {_C3}, {_C3}, float32[:, ::1], float32[::1], float32[::1])")
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, nogil=True)
-def scan_forward(a, dtu, b_in, c_in, h, y):  # pragma: no cover - compiled
-    """h_t = a_t * h_{t-1} + dtu_t * B_t (h_{-1} = 0), y_t = sum_n C_t[n] * h_t[n].
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _exp(x):  # pragma: no cover - compiled
+    """exp(x) in float32 (Cephes expf), vectorisable."""
+    if x < f32(-87.3):
+        x = f32(-87.3)
+    if x > f32(88.7):
+        x = f32(88.7)
+    k = np.floor(x * f32(1.44269504) + f32(0.5))
+    r = x - k * f32(0.693359375) + k * f32(2.12194440e-4)
+    p = f32(1.9875691500e-4)
+    p = p * r + f32(1.3981999507e-3)
+    p = p * r + f32(8.3334519073e-3)
+    p = p * r + f32(4.1665795894e-2)
+    p = p * r + f32(1.6666665459e-1)
+    p = p * r + f32(5.0000001201e-1)
+    y = p * r * r + r + f32(1.0)
+    return y * np.int32((np.int32(k) + 127) << 23).view(np.float32)
 
-    a, h: (L, B, N, H); dtu, y: (L, B, H); b_in, c_in: (L, B, N). Writes h and y."""
-    length, batch, d_state, dim = a.shape
+
+@numba.njit(inline="always", fastmath=FASTMATH)
+def _sigmoid(x):  # pragma: no cover - compiled
+    return f32(1.0) / (f32(1.0) + _exp(-x))
+
+
+@numba.njit(inline="always")
+def _rows(src, b, dst):  # pragma: no cover - compiled
+    """dst[t, i] = src[b, i, t]: one element's (I, L) slice as (L, I) scratch."""
+    for i in range(src.shape[1]):
+        for t in range(src.shape[2]):
+            dst[t, i] = src[b, i, t]
+
+
+@numba.njit(inline="always")
+def _unrows(src, dst, b):  # pragma: no cover - compiled
+    """dst[b, i, t] = src[t, i]: the inverse of `_rows`."""
+    for i in range(dst.shape[1]):
+        for t in range(dst.shape[2]):
+            dst[b, i, t] = src[t, i]
+
+
+@numba.njit(FORWARD_SIG, cache=True, fastmath=FASTMATH, nogil=True)
+def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no cover - compiled
+    """h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t (h_{-1} = 0), y_t = <h_t, C_t> + D u_t,
+    out_t = y_t * silu(z_t) (with has_z).
+
+    u, dt, z: (B, E, L); A: (E, N); b_in, c_in: (B, N, L); D: (E,). Writes out (B, L, E) and the
+    last state (B, E, N)."""
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    a_t = np.ascontiguousarray(A.T)  # (N, E)
+    ut, dtt = np.empty((length, dim), f32), np.empty((length, dim), f32)
+    dtu, zt = np.empty((length, dim), f32), np.empty((length, dim), f32)
+    bt, ct = np.empty((length, d_state), f32), np.empty((length, d_state), f32)
+    h, y = np.empty((d_state, dim), f32), np.empty(dim, f32)
     for b in range(batch):
+        _rows(u, b, ut)
+        _rows(dt, b, dtt)
+        _rows(b_in, b, bt)
+        _rows(c_in, b, ct)
+        if has_z:
+            _rows(z, b, zt)
         for t in range(length):
-            y[t, b, :] = 0.0
+            for e in range(dim):
+                dtu[t, e] = dtt[t, e] * ut[t, e]
+        h[:] = 0.0
+        for t in range(length):
+            y[:] = 0.0
             for n in range(d_state):
-                bn, cn = b_in[t, b, n], c_in[t, b, n]
-                if t == 0:
-                    for e in range(dim):
-                        v = dtu[t, b, e] * bn
-                        h[t, b, n, e] = v
-                        y[t, b, e] += cn * v
-                else:
-                    for e in range(dim):
-                        v = a[t, b, n, e] * h[t - 1, b, n, e] + dtu[t, b, e] * bn
-                        h[t, b, n, e] = v
-                        y[t, b, e] += cn * v
+                bn, cn = bt[t, n], ct[t, n]
+                for e in range(dim):
+                    v = _exp(dtt[t, e] * a_t[n, e]) * h[n, e] + dtu[t, e] * bn
+                    h[n, e] = v
+                    y[e] += cn * v
+            for e in range(dim):
+                v = y[e] + D[e] * ut[t, e]
+                if has_z:
+                    v *= zt[t, e] * _sigmoid(zt[t, e])
+                out[b, t, e] = v
+        for e in range(dim):
+            for n in range(d_state):
+                last[b, e, n] = h[n, e]
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, nogil=True)
-def scan_backward(a, h, dtu, dt, a_coef, b_in, c_in, dy, q, r, grad_b, grad_c, grad_a):  # pragma: no cover
-    """The reverse recurrence g_t = C_t * dy_t + a_{t+1} * g_{t+1} (g: dLoss/dh_t) and its sums:
+@numba.njit(BACKWARD_SIG, cache=True, fastmath=FASTMATH, nogil=True)
+def fused_backward(u, x, dt, A, b_in, c_in, D, z, has_z, softplus, dout,
+                   du, ddelta, dz, grad_b, grad_c, dA, dD, dbias):  # pragma: no cover - compiled
+    """Every gradient of `fused_forward`, with dt = softplus(x) (with softplus) or x.
 
-    q_t = sum_n g_t B_t (-> du, ddelta through delta*u*B), r_t = sum_n p_t A (-> ddelta through the
-    decay), grad_b_t = sum_e g_t dtu_t, grad_c_t = sum_e h_t dy_t, grad_a = sum_{t,b} p_t dt_t,
+    The reverse recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} (g = dLoss/dh_t) and its sums:
+    q_t = sum_n g_t B_t (-> du, and ddt through dt*u*B), r_t = sum_n p_t A (-> ddt through the decay),
+    grad_b_t = sum_e g_t dt_t u_t, grad_c_t = sum_e h_t dy_t, dA = sum_{b,t} p_t dt_t,
     with p_t = g_t a_t h_{t-1} (0 at t = 0: the start state is zero).
-    a, h: (L, B, N, H); dtu, dt, dy, q, r: (L, B, H); a_coef: (N, H); b_in, c_in, grad_b, grad_c:
-    (L, B, N); grad_a: (N, H), accumulated into."""
-    length, batch, d_state, dim = a.shape
-    g = np.zeros((d_state, dim), dtype=a.dtype)
+    u, x, dt, z, dout: (B, E, L); A: (E, N); b_in, c_in: (B, N, L); D: (E,).
+    Writes du, ddelta, dz: (B, E, L) (any strides: the caller lays each out as its input),
+    grad_b, grad_c: (B, N, L); adds into dA (E, N), dD, dbias (E,)."""
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    a_t = np.ascontiguousarray(A.T)  # (N, E)
+    ut, dtt = np.empty((length, dim), f32), np.empty((length, dim), f32)
+    dtu, zt = np.empty((length, dim), f32), np.empty((length, dim), f32)
+    xt, dy, ypre = np.empty((length, dim), f32), np.empty((length, dim), f32), np.empty((length, dim), f32)
+    dut, ddt_t, dzt = np.empty((length, dim), f32), np.empty((length, dim), f32), np.empty((length, dim), f32)
+    bt, ct = np.empty((length, d_state), f32), np.empty((length, d_state), f32)
+    dec, hs = np.empty((length, d_state, dim), f32), np.empty((length, d_state, dim), f32)
+    g, da = np.empty((d_state, dim), f32), np.zeros((d_state, dim), f32)
+    q, r = np.empty(dim, f32), np.empty(dim, f32)
     for b in range(batch):
+        _rows(u, b, ut)
+        _rows(dt, b, dtt)
+        _rows(b_in, b, bt)
+        _rows(c_in, b, ct)
+        _rows(dout, b, dy)
+        if has_z:
+            _rows(z, b, zt)
+        if softplus:
+            _rows(x, b, xt)
+        for t in range(length):
+            for e in range(dim):
+                dtu[t, e] = dtt[t, e] * ut[t, e]
+        # this element's decays and states again, and y before the gate
+        for t in range(length):
+            ypre[t, :] = 0.0
+            for n in range(d_state):
+                bn, cn = bt[t, n], ct[t, n]
+                for e in range(dim):
+                    a = _exp(dtt[t, e] * a_t[n, e])
+                    v = dtu[t, e] * bn
+                    if t > 0:
+                        v += a * hs[t - 1, n, e]
+                    dec[t, n, e] = a
+                    hs[t, n, e] = v
+                    ypre[t, e] += cn * v
+        # through the gate and the skip: dy = dLoss/dy, du starts as dy * D
+        for t in range(length):
+            for e in range(dim):
+                y = ypre[t, e] + D[e] * ut[t, e]
+                if has_z:
+                    zv = zt[t, e]
+                    sig = _sigmoid(zv)
+                    dzt[t, e] = dy[t, e] * y * sig * (f32(1.0) + zv * (f32(1.0) - sig))
+                    dy[t, e] *= zv * sig
+                dD[e] += dy[t, e] * ut[t, e]
+                dut[t, e] = dy[t, e] * D[e]
         g[:] = 0.0
         for t in range(length - 1, -1, -1):
-            q[t, b, :] = 0.0
-            r[t, b, :] = 0.0
+            q[:] = 0.0
+            r[:] = 0.0
             for n in range(d_state):
-                bn, cn = b_in[t, b, n], c_in[t, b, n]
-                acc_b = 0.0
-                acc_c = 0.0
-                if t > 0:
-                    for e in range(dim):
-                        gv = g[n, e] + cn * dy[t, b, e]
-                        acc_b += gv * dtu[t, b, e]
-                        acc_c += h[t, b, n, e] * dy[t, b, e]
-                        q[t, b, e] += gv * bn
-                        p = gv * a[t, b, n, e] * h[t - 1, b, n, e]
-                        grad_a[n, e] += p * dt[t, b, e]
-                        r[t, b, e] += p * a_coef[n, e]
-                        g[n, e] = gv * a[t, b, n, e]
-                else:
-                    for e in range(dim):
-                        gv = g[n, e] + cn * dy[t, b, e]
-                        acc_b += gv * dtu[t, b, e]
-                        acc_c += h[t, b, n, e] * dy[t, b, e]
-                        q[t, b, e] += gv * bn
-                grad_b[t, b, n] = acc_b
-                grad_c[t, b, n] = acc_c
+                bn, cn = bt[t, n], ct[t, n]
+                acc_b = f32(0.0)
+                acc_c = f32(0.0)
+                for e in range(dim):
+                    gv = g[n, e] + cn * dy[t, e]
+                    acc_b += gv * dtu[t, e]
+                    acc_c += hs[t, n, e] * dy[t, e]
+                    q[e] += gv * bn
+                    if t > 0:
+                        p = gv * dec[t, n, e] * hs[t - 1, n, e]
+                        da[n, e] += p * dtt[t, e]
+                        r[e] += p * a_t[n, e]
+                    g[n, e] = gv * dec[t, n, e]
+                grad_b[b, n, t] = acc_b
+                grad_c[b, n, t] = acc_c
+            for e in range(dim):
+                ddt = q[e] * ut[t, e] + r[e]
+                dut[t, e] += q[e] * dtt[t, e]
+                if softplus:  # d softplus(x) / dx = sigmoid(x)
+                    ddt *= _sigmoid(xt[t, e])
+                ddt_t[t, e] = ddt
+                dbias[e] += ddt
+        _unrows(dut, du, b)
+        _unrows(ddt_t, ddelta, b)
+        if has_z:
+            _unrows(dzt, dz, b)
+    for e in range(dim):
+        for n in range(d_state):
+            dA[e, n] += da[n, e]
