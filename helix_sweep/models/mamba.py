@@ -5,7 +5,8 @@ state_dict saved here loads into `mamba_ssm.modules.mamba_simple.Mamba` and back
 the scan implementations. `scan_impl` (auto | cuda | triton | pure) is resolved per device by
 helix_sweep.models.scan.resolve_scan_impl. The fused `mamba_inner_fn` runs only when the scan
 resolves to "cuda" and a probe shows mamba_inner_fn (which also needs causal-conv1d) really runs;
-otherwise the conv1d runs in PyTorch and `selective_scan` with the resolved implementation.
+otherwise the conv1d and its silu run as `causal_conv1d_silu` (numba-compiled on CPU, PyTorch
+elsewhere) and `selective_scan` with the resolved implementation.
 
 Legend: B batch, L tokens, D d_model, E d_inner, N d_state, R dt_rank.
 """
@@ -16,8 +17,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from helix_sweep.models.causal_conv import causal_conv1d_silu
 from helix_sweep.models.scan import SCAN_IMPLS, mamba_mixer_status, resolve_scan_impl, selective_scan
 
 
@@ -70,20 +71,20 @@ class Mamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D)."""
-        Bsz, L, _ = x.shape
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L)
+        xz = self.in_proj(x)  # (B, L, 2E)
         A = -torch.exp(self.A_log.float())  # (E, N)
         impl = resolve_scan_impl(self.scan_impl, xz.device)  # cached per process and device
         if impl == "cuda" and self.use_fast_path and mamba_mixer_status(xz.device)[0]:
             from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
             return mamba_inner_fn(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                xz.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                 self.dt_proj.weight, self.out_proj.weight, None, A, None, None,
                 self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             )  # (B, L, D)
-        u, z = xz.chunk(2, dim=1)  # (B, E, L) each
-        u = F.silu(self.conv1d(u)[..., :L])  # causal depthwise conv, (B, E, L)
+        # (B, E, L) views of (B, L, E) memory: their gradients, in that layout too, join without a copy
+        u, z = (half.transpose(1, 2) for half in xz.chunk(2, dim=-1))
+        u = causal_conv1d_silu(u, self.conv1d.weight, self.conv1d.bias)  # (B, E, L)
         x_dbl = self.x_proj(u.transpose(1, 2))  # (B, L, R + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, E, L), bias added in the scan

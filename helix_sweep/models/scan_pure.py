@@ -586,9 +586,10 @@ def _fused_backward(ctx, dout):
     u, delta, A, B, C, D, z, delta_bias, x, dt = ctx.saved_tensors
     batch, dim, length = u.shape
     d_state = A.shape[1]
-    # each gradient laid out as its input (a (B, L, E) view, say), so what consumes it reads it in order
+    # u's and delta's gradients laid out as they are (dense, so empty_like keeps their strides), z's as
+    # the mixer lays out z, (B, L, E) memory (half of in_proj's output): what consumes each reads it in order
     du, ddelta = torch.empty_like(u, dtype=torch.float32), torch.empty_like(delta, dtype=torch.float32)
-    dz = torch.empty_like(z, dtype=torch.float32) if z is not None else du  # du: a placeholder, not written
+    dz = _empty(batch, length, dim).transpose(1, 2) if z is not None else du  # du: a placeholder, not written
     grad_B, grad_C = _empty(batch, d_state, length), _empty(batch, d_state, length)
     dA, dD, dbias = _empty(dim, d_state).zero_(), _empty(dim).zero_(), _empty(dim).zero_()  # summed into
     ops = _fused_operands(u, dt, A, B, C, D, z)
