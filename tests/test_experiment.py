@@ -95,3 +95,38 @@ def test_cli_refuses_a_mistyped_resume_and_a_live_experiment_writing_nothing(tmp
         holder.wait()
     # no settings, no MLflow store, no data: the refused drivers wrote nothing
     assert written(tmp_path) == sorted(before + ["experiments/held"])
+
+
+def test_kernel_cache_is_stale_until_written_after_the_source(tmp_path):
+    import os
+
+    from helix_sweep.run import CPU_KERNELS, kernels_cached
+
+    (tmp_path / "__pycache__").mkdir()
+    for name in CPU_KERNELS:
+        (tmp_path / f"{name}.py").write_text("# kernels\n")
+    assert not kernels_cached(tmp_path)  # a fresh clone: nothing compiled
+    for name in CPU_KERNELS:
+        (tmp_path / "__pycache__" / f"{name}.fused_forward-97.py311.nbi").write_bytes(b"")
+    assert kernels_cached(tmp_path)
+    later = (tmp_path / f"{CPU_KERNELS[0]}.py").stat().st_mtime + 10
+    os.utime(tmp_path / f"{CPU_KERNELS[0]}.py", (later, later))  # its source changed since
+    assert not kernels_cached(tmp_path)
+
+
+def test_kernels_compile_in_the_background_only_for_a_local_sweep_with_mamba_trials(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from helix_sweep import run
+
+    monkeypatch.setattr(run, "kernels_cached", lambda: False)
+    started = []
+    monkeypatch.setattr(run.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or "compiling")
+    local, cluster = SimpleNamespace(ray_address=None), SimpleNamespace(ray_address="10.0.0.1:6379")
+    mamba, attention = SimpleNamespace(pattern="MMMAMM", status="run"), SimpleNamespace(pattern="AAAAAA", status="run")
+    assert run.compile_cpu_kernels(cluster, [mamba]) is None  # the workers' machines compile their own
+    assert run.compile_cpu_kernels(local, [attention]) is None  # nothing will run the kernels
+    assert run.compile_cpu_kernels(local, [attention, mamba]) == "compiling"
+    assert started and "helix_sweep.models.scan_numba" in started[0][-1]
+    monkeypatch.setattr(run, "kernels_cached", lambda: True)
+    assert run.compile_cpu_kernels(local, [mamba]) is None  # compiled already
