@@ -94,6 +94,20 @@ def _unrows(src, dst, b):  # pragma: no cover - compiled
                 dst[b, i, t] = src[t, i]
 
 
+@numba.njit(**INLINE)
+def _element(b, u, dt, b_in, c_in, z, has_z, ut, dtt, dtu, bt, ct, zt):  # pragma: no cover - compiled
+    """Batch element b's operands as (L, E) and (L, N) scratch rows, and dtu = dt * u."""
+    _rows(u, b, ut)
+    _rows(dt, b, dtt)
+    _rows(b_in, b, bt)
+    _rows(c_in, b, ct)
+    if has_z:
+        _rows(z, b, zt)
+    for t in range(ut.shape[0]):
+        for e in range(ut.shape[1]):
+            dtu[t, e] = dtt[t, e] * ut[t, e]
+
+
 @numba.njit(FORWARD_SIG, **KERNEL)
 def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no cover - compiled
     """h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t (h_{-1} = 0), y_t = <h_t, C_t> + D u_t,
@@ -109,15 +123,7 @@ def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no c
     bt, ct = np.empty((length, d_state), f32), np.empty((length, d_state), f32)
     h, y = np.empty((d_state, dim), f32), np.empty(dim, f32)
     for b in range(batch):
-        _rows(u, b, ut)
-        _rows(dt, b, dtt)
-        _rows(b_in, b, bt)
-        _rows(c_in, b, ct)
-        if has_z:
-            _rows(z, b, zt)
-        for t in range(length):
-            for e in range(dim):
-                dtu[t, e] = dtt[t, e] * ut[t, e]
+        _element(b, u, dt, b_in, c_in, z, has_z, ut, dtt, dtu, bt, ct, zt)
         h[:] = 0.0
         for t in range(length):
             y[:] = 0.0
@@ -161,18 +167,10 @@ def fused_backward(u, x, dt, A, b_in, c_in, D, z, has_z, softplus, dout,
     g, da = np.empty((d_state, dim), f32), np.zeros((d_state, dim), f32)
     q, r = np.empty(dim, f32), np.empty(dim, f32)
     for b in range(batch):
-        _rows(u, b, ut)
-        _rows(dt, b, dtt)
-        _rows(b_in, b, bt)
-        _rows(c_in, b, ct)
+        _element(b, u, dt, b_in, c_in, z, has_z, ut, dtt, dtu, bt, ct, zt)
         _rows(dout, b, dy)
-        if has_z:
-            _rows(z, b, zt)
         if softplus:
             _rows(x, b, xt)
-        for t in range(length):
-            for e in range(dim):
-                dtu[t, e] = dtt[t, e] * ut[t, e]
         # this element's decays and states again, and y before the gate
         for t in range(length):
             ypre[t, :] = 0.0
