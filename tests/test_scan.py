@@ -117,7 +117,7 @@ def test_scan_without_optional_inputs_and_with_groups(mode, groups):
         inputs.pop(k)
     inputs["delta"] = inputs["delta"].abs() * 0.3  # positive step sizes, no softplus
     dout = torch.randn(2, 8, 21, generator=torch.Generator().manual_seed(2))
-    if mode == "fused" and groups:  # its compiled loops take one group; asked for explicitly, it refuses
+    if mode == "fused" and groups:  # its compiled kernels take one group; asked for explicitly, it refuses
         with pytest.raises(ValueError, match="without groups"):
             selective_scan_pure(**inputs, mode=mode)
         return
@@ -333,7 +333,7 @@ def test_cpu_picks_the_fused_loops_for_short_sequences_when_numba_imports(monkey
 
 @pytest.mark.parametrize("mode", ["whole", "fused"])
 def test_scan_propagates_non_finite_values(mode):
-    # the compiled loops may reassociate sums but never assume finite values: a NaN input must
+    # the compiled kernels may reassociate sums but never assume finite values: a NaN input must
     # still reach the loss, where the training loop counts the step as non-finite
     inputs = make_inputs(2, 8, 4, 21, seed=6)
     inputs["u"][1, 3, 7] = float("nan")

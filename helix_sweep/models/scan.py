@@ -129,7 +129,7 @@ def scan_impl_status(device: torch.device) -> dict[str, tuple[bool, str]]:
     fused, why = scan_numba_status()
     return {"cuda": mamba_scan_status(device), "triton": triton_ok,
             "pure": (True, "the project's own scan, runs everywhere; short sequences on CPU: "
-                           + ("numba-compiled loops" if fused else f"PyTorch ops only ({why})"))}
+                           + ("numba-compiled kernels" if fused else f"PyTorch ops only ({why})"))}
 
 
 @functools.cache

@@ -56,7 +56,7 @@ PARALLEL_CHUNK_RANGE = (16, 1024)
 def selective_scan_pure(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False, *, mode=None, chunk_size=None):
     """The project's own selective scan: same contract as `selective_scan`, PyTorch ops (plus
-    numba's compiled loops in the "fused" mode).
+    numba's compiled kernels in the "fused" mode).
 
     mode: "loop", "parallel", "whole" or "fused" (see the module docstring); None picks, on CPU,
     "fused" (or "whole" without numba, or with grouped B/C) while the (B, L, E, N) state has at
@@ -112,7 +112,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
 
 @functools.cache
 def scan_numba_status() -> tuple[bool, str]:
-    """(runs, why): whether the "fused" mode's compiled loops (helix_sweep.models.scan_numba) import."""
+    """(runs, why): whether the "fused" mode's compiled kernels (helix_sweep.models.scan_numba) import."""
     try:
         import helix_sweep.models.scan_numba  # noqa: F401
     except Exception as e:  # numba missing, or built for another numpy
