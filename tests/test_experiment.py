@@ -103,14 +103,13 @@ def test_kernel_cache_is_stale_until_written_after_the_source(tmp_path):
     from helix_sweep.run import CPU_KERNELS, kernels_cached
 
     (tmp_path / "__pycache__").mkdir()
-    for name in CPU_KERNELS:
-        (tmp_path / f"{name}.py").write_text("# kernels\n")
+    source = tmp_path / f"{CPU_KERNELS}.py"
+    source.write_text("# kernels\n")
     assert not kernels_cached(tmp_path)  # a fresh clone: nothing compiled
-    for name in CPU_KERNELS:
-        (tmp_path / "__pycache__" / f"{name}.fused_forward-97.py311.nbi").write_bytes(b"")
+    (tmp_path / "__pycache__" / f"{CPU_KERNELS}.fused_forward-97.py311.nbi").write_bytes(b"")
     assert kernels_cached(tmp_path)
-    later = (tmp_path / f"{CPU_KERNELS[0]}.py").stat().st_mtime + 10
-    os.utime(tmp_path / f"{CPU_KERNELS[0]}.py", (later, later))  # its source changed since
+    later = source.stat().st_mtime + 10
+    os.utime(source, (later, later))  # its source changed since
     assert not kernels_cached(tmp_path)
 
 
@@ -127,6 +126,6 @@ def test_kernels_compile_in_the_background_only_for_a_local_sweep_with_mamba_tri
     assert run.compile_cpu_kernels(cluster, [mamba]) is None  # the workers' machines compile their own
     assert run.compile_cpu_kernels(local, [attention]) is None  # nothing will run the kernels
     assert run.compile_cpu_kernels(local, [attention, mamba]) == "compiling"
-    assert started and "helix_sweep.models.scan_numba" in started[0][-1]
+    assert started and "helix_sweep.models.mixer_numba" in started[0][-1]
     monkeypatch.setattr(run, "kernels_cached", lambda: True)
     assert run.compile_cpu_kernels(local, [mamba]) is None  # compiled already

@@ -1,7 +1,7 @@
 """The Mamba mixer's causal depthwise conv1d followed by silu: `causal_conv1d_silu`, same contract as
 causal_conv1d's `causal_conv1d_fn(x, weight, bias, activation="silu")`.
 
-On CPU where numba imports: one compiled pass forward and one backward (helix_sweep.models.conv_numba),
+On CPU where numba imports: one compiled pass forward and one backward (helix_sweep.models.mixer_numba),
 the output laid out (B, L, E) under its (B, E, L) shape, as the mixer's next linear layer reads it.
 Elsewhere (a GPU without mamba_ssm's fused mixer, or no numba): PyTorch's conv1d and silu. Both give
 the same numbers with the same parameters (the mixer's nn.Conv1d weight and bias).
@@ -25,7 +25,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 @functools.cache
 def conv_numba_runs() -> bool:
     try:
-        import helix_sweep.models.conv_numba  # noqa: F401
+        import helix_sweep.models.mixer_numba  # noqa: F401
     except Exception:  # numba missing or broken: PyTorch's conv (scan_pure.scan_numba_status says why)
         return False
     return True
@@ -34,7 +34,7 @@ def conv_numba_runs() -> bool:
 class _CausalConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        from helix_sweep.models.conv_numba import conv_silu_forward
+        from helix_sweep.models.mixer_numba import conv_silu_forward
 
         batch, dim, length = x.shape
         out = torch.empty(batch, length, dim, dtype=torch.float32)
@@ -44,7 +44,7 @@ class _CausalConvSilu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from helix_sweep.models.conv_numba import conv_silu_backward
+        from helix_sweep.models.mixer_numba import conv_silu_backward
 
         x, weight, bias = ctx.saved_tensors
         batch, dim, length = x.shape

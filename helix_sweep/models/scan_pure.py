@@ -21,7 +21,7 @@ Short sequences on CPU take a third mode, "whole" (chosen by size: B * L * E * N
 WHOLE_MAX_ELEMENTS, e.g. the smoke grid's B=32, L=100, E=64, N=8): no chunks, all L states at once
 in an H-innermost layout, kept for the backward (see `_whole_forward`). Where numba imports and
 B/C have no groups the same sizes run "fused" instead: two numba-compiled kernels
-(helix_sweep.models.scan_numba) that take the inputs in the mixer's layouts and do the decays, the
+(helix_sweep.models.mixer_numba) that take the inputs in the mixer's layouts and do the decays, the
 recurrence, the skip and the gate (and in the backward every gradient) one batch element at a time,
 keeping no states (the backward recomputes them); ~1.6x faster than the old fused loops at the smoke
 grid's sizes, which spent most of their time in the transposing copies and the full-batch tensors.
@@ -112,16 +112,16 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
 
 @functools.cache
 def scan_numba_status() -> tuple[bool, str]:
-    """(runs, why): whether the "fused" mode's compiled kernels (helix_sweep.models.scan_numba) import."""
+    """(runs, why): whether the "fused" mode's compiled kernels (helix_sweep.models.mixer_numba) import."""
     try:
-        import helix_sweep.models.scan_numba  # noqa: F401
+        import helix_sweep.models.mixer_numba  # noqa: F401
     except Exception as e:  # numba missing, or built for another numpy
         return False, f"numba does not import ({type(e).__name__}: {e}); pip install numba"
     return True, "numba compiles the CPU scan's loops"
 
 
 def scan_numba():
-    import helix_sweep.models.scan_numba as kernels
+    import helix_sweep.models.mixer_numba as kernels
 
     return kernels
 
@@ -564,7 +564,7 @@ def _whole_grads(ctx, dt, ddt, du, dA, grad_B, grad_C, dD, grad_z):
 
 
 def _fused_forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """The "fused" mode: numba's compiled kernels (helix_sweep.models.scan_numba) on the inputs as they
+    """The "fused" mode: numba's compiled kernels (helix_sweep.models.mixer_numba) on the inputs as they
     are laid out; torch only adds the bias and applies the softplus. Saves its inputs and dt; the
     backward recomputes each batch element's states."""
     batch, dim, length = u.shape

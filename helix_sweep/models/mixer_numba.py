@@ -1,6 +1,9 @@
-"""The CPU selective scan of short sequences, compiled with numba: the "fused" mode of `selective_scan_pure`.
+"""The Mamba mixer's CPU kernels, compiled with numba: the selective scan of short sequences (the
+"fused" mode of `selective_scan_pure`) and the causal depthwise conv1d + silu (`causal_conv1d_silu`).
+One module, because numba's cache knows only the source file of each kernel: kernels that shared
+helpers across files would keep stale code after a helper changed.
 
-Two kernels, one batch element at a time, everything of that element in cache:
+The scan, two kernels, one batch element at a time, everything of that element in cache:
 - `fused_forward`: the decays exp(delta * A), the recurrence, <h, C>, the D skip and the silu(z)
   gate, in one pass; it writes the output and the last state and keeps nothing else.
 - `fused_backward`: recomputes that element's decays and states (L x N x E values, ~200 KB at the
@@ -11,6 +14,12 @@ are read once into per-element (L, E) scratch, and the outputs are written (B, L
 next linear layer reads that without a copy. The PyTorch "whole" mode spent about half its time in
 those transposing copies and in the full-batch (L, B, N, E) decay and state tensors.
 
+The conv (`conv_silu_forward` / `conv_silu_backward`): PyTorch runs the mixer's (B, E, L) depthwise
+convolution with a kernel of 4 through oneDNN, whose set-up costs far more than the 4 multiply-adds
+per value (at the smoke sizes ~0.7 ms forward and ~2 ms backward per mixer, with the silu and its
+gradient as two more passes and a transposing copy for x_proj). These do convolution, bias and silu
+in one pass per batch element, output (B, L, E); the backward recomputes the pre-activation.
+
 `_exp`: numba's math.exp is a scalar call (the PyPI llvmlite has no SVML), 2.8x slower here than a
 vectorised polynomial, and the decays are most of the work (B*L*N*E of them per call). Cephes'
 single-precision exp (range reduction by ln 2, a degree-6 polynomial): within 1 ulp of torch.exp on
@@ -18,10 +27,11 @@ the decays' range; NaN propagates, overflow saturates at exp(88.7), underflow at
 
 fastmath is limited to reassociation and contraction: the E-sums vectorise, while NaN and inf still
 propagate, so a non-finite loss is still seen as one. Explicit signatures (float32, any strides) keep
-one compiled version whatever the inputs' layouts; compiled on first import and cached next to this
-file (numba's cache), so later processes load it in well under a second.
+one compiled version whatever the inputs' layouts; compiled on first import (~7.5 s on 2 cores; a
+sweep does it in the background, helix_sweep.run.compile_cpu_kernels) and cached next to this file
+(numba's cache), so later processes load it in well under a second.
 
-Legend: L sequence length, B batch, N d_state, E d_inner (one group).
+Legend: L sequence length, B batch, N d_state, E d_inner (one group), K conv kernel width.
 """
 
 from __future__ import annotations
@@ -38,10 +48,11 @@ KERNEL = {"cache": True, "nogil": True, **INLINE}
 f32 = np.float32
 
 _A3, _C3 = "float32[:, :, :]", "float32[:, :, ::1]"  # any strides / C-contiguous
-FORWARD_SIG = (f"void({_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, "
-               f"{_C3}, {_C3})")
-BACKWARD_SIG = (f"void({_A3}, {_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, boolean, "
-                f"{_A3}, {_A3}, {_A3}, {_A3}, {_C3}, {_C3}, float32[:, ::1], float32[::1], float32[::1])")
+SCAN_FORWARD_SIG = (f"void({_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, "
+                    f"{_C3}, {_C3})")
+SCAN_BACKWARD_SIG = (f"void({_A3}, {_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, "
+                     f"boolean, {_A3}, {_A3}, {_A3}, {_A3}, {_C3}, {_C3}, float32[:, ::1], float32[::1], "
+                     f"float32[::1])")
 
 
 @numba.njit(inline="always", **INLINE)
@@ -108,7 +119,7 @@ def _element(b, u, dt, b_in, c_in, z, has_z, ut, dtt, dtu, bt, ct, zt):  # pragm
             dtu[t, e] = dtt[t, e] * ut[t, e]
 
 
-@numba.njit(FORWARD_SIG, **KERNEL)
+@numba.njit(SCAN_FORWARD_SIG, **KERNEL)
 def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no cover - compiled
     """h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t (h_{-1} = 0), y_t = <h_t, C_t> + D u_t,
     out_t = y_t * silu(z_t) (with has_z).
@@ -143,7 +154,7 @@ def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no c
                 last[b, e, n] = h[n, e]
 
 
-@numba.njit(BACKWARD_SIG, **KERNEL)
+@numba.njit(SCAN_BACKWARD_SIG, **KERNEL)
 def fused_backward(u, x, dt, A, b_in, c_in, D, z, has_z, softplus, dout,
                    du, ddelta, dz, grad_b, grad_c, dA, dD, dbias):  # pragma: no cover - compiled
     """Every gradient of `fused_forward`, with dt = softplus(x) (with softplus) or x.
@@ -229,3 +240,77 @@ def fused_backward(u, x, dt, A, b_in, c_in, D, z, has_z, softplus, dout,
     for e in range(dim):
         for n in range(d_state):
             dA[e, n] += da[n, e]
+
+
+# ---------------------------------------------------------------- the causal conv1d + silu
+CONV_FORWARD_SIG = f"void({_A3}, float32[:, :], float32[:], {_C3})"
+CONV_BACKWARD_SIG = f"void({_A3}, float32[:, :], float32[:], {_A3}, {_A3}, float32[:, ::1], float32[::1])"
+
+
+@numba.njit(inline="always", **INLINE)
+def _pre_activation(xp, wt, bias, t, s):  # pragma: no cover - compiled
+    """s[e] = bias[e] + sum_k wt[k, e] * xp[t + k, e], xp the input with K - 1 zero rows in front
+    (E innermost, so each line vectorises)."""
+    s[:] = bias
+    for k in range(wt.shape[0]):
+        for e in range(s.shape[0]):
+            s[e] += wt[k, e] * xp[t + k, e]
+
+
+@numba.njit(**INLINE)  # not inlined: compiled once, cheap to call
+def _padded_rows(x, b, xp):  # pragma: no cover - compiled
+    """xp[K - 1 + t, e] = x[b, e, t], with the first K - 1 rows zero (the causal padding)."""
+    pad = xp.shape[0] - x.shape[2]
+    xp[:pad] = 0.0
+    _rows(x, b, xp[pad:])
+
+
+@numba.njit(CONV_FORWARD_SIG, **KERNEL)
+def conv_silu_forward(x, w, bias, out):  # pragma: no cover - compiled
+    """out[b, t, e] = silu(bias[e] + sum_k w[e, k] x[b, e, t - K + 1 + k]).
+
+    x: (B, E, L), any strides; w: (E, K); bias: (E,). Writes out (B, L, E)."""
+    batch, dim, length = x.shape
+    width = w.shape[1]
+    wt = np.ascontiguousarray(w.T)  # (K, E)
+    xp, s = np.empty((length + width - 1, dim), f32), np.empty(dim, f32)
+    for b in range(batch):
+        _padded_rows(x, b, xp)
+        for t in range(length):
+            _pre_activation(xp, wt, bias, t, s)
+            for e in range(dim):
+                out[b, t, e] = s[e] * _sigmoid(s[e])
+
+
+@numba.njit(CONV_BACKWARD_SIG, **KERNEL)
+def conv_silu_backward(x, w, bias, dout, dx, dw, dbias):  # pragma: no cover - compiled
+    """Gradients of `conv_silu_forward`: writes dx (B, E, L, any strides); adds into dw (E, K) and
+    dbias (E,). dout: (B, E, L), any strides."""
+    batch, dim, length = x.shape
+    width = w.shape[1]
+    pad = width - 1
+    wt = np.ascontiguousarray(w.T)  # (K, E)
+    xp, dsp = np.empty((length + pad, dim), f32), np.zeros((length + pad, dim), f32)
+    dxt, dwt, s = np.empty((length, dim), f32), np.zeros((width, dim), f32), np.empty(dim, f32)
+    ds = dsp[:length]  # ds with K - 1 zero rows behind it
+    for b in range(batch):
+        _padded_rows(x, b, xp)
+        _rows(dout, b, ds)
+        for t in range(length):  # through the silu: ds = dout * silu'(s)
+            _pre_activation(xp, wt, bias, t, s)
+            for e in range(dim):
+                sig = _sigmoid(s[e])
+                ds[t, e] *= sig * (f32(1.0) + s[e] * (f32(1.0) - sig))
+                dbias[e] += ds[t, e]
+        for t in range(length):  # dx_t = sum_k w_k ds_{t+K-1-k}; dw_k = sum_t ds_t x_{t-K+1+k}
+            dxt[t, :] = 0.0
+            for k in range(width):
+                for e in range(dim):
+                    dxt[t, e] += wt[k, e] * dsp[t + pad - k, e]
+            for k in range(width):
+                for e in range(dim):
+                    dwt[k, e] += ds[t, e] * xp[t + k, e]
+        _unrows(dxt, dx, b)
+    for e in range(dim):
+        for k in range(width):
+            dw[e, k] += dwt[k, e]
