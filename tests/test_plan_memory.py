@@ -1,6 +1,7 @@
 """The cost model's memory figures (helix_sweep.training.budget) against the real model on CPU at
-small L (fp32, pure-PyTorch scan in its chunked formulation: the one GPUs run and the cost model
-describes; on CPU short sequences would otherwise take the "whole" mode, which keeps every state).
+small L (fp32, pure-PyTorch scan in its chunked formulation and PyTorch's conv1d: what GPUs run and
+the cost model describes; on CPU short sequences would otherwise take the numba "fused" mode, and the
+mixer's conv its numba kernel, both keeping less).
 
 Two measurements:
 - bytes autograd saves for backward, counted exactly with saved_tensors_hooks (each storage
@@ -24,7 +25,7 @@ from helix_sweep.training.budget import activation_memory_bytes, frontend_saved_
 
 torch = pytest.importorskip("torch")
 models = pytest.importorskip("helix_sweep.models")
-from helix_sweep.models import scan_pure  # noqa: E402
+from helix_sweep.models import causal_conv, scan_pure  # noqa: E402
 
 SR = 16_000
 
@@ -62,6 +63,7 @@ def measured_saved(model, wav) -> int:
 ])
 def test_saved_activations_match_the_model(pattern, frontend, impl, monkeypatch):
     monkeypatch.setattr(scan_pure, "WHOLE_MAX_ELEMENTS", 0)  # the chunked scan the cost model describes
+    monkeypatch.setattr(causal_conv, "conv_numba_runs", lambda: False)  # and PyTorch's conv1d + silu
     torch.manual_seed(0)
     model = models.build_classifier(pattern, frontend, 10, attention_impl=impl)
     for seconds in (1.0, 2.0) if frontend == "raw" else (2.0, 4.0):
@@ -75,8 +77,9 @@ def test_saved_activations_match_the_model(pattern, frontend, impl, monkeypatch)
 # parent at fork and keeps across exec: under pytest it would start at the test runner's size.
 PEAK_SCRIPT = """
 import re, sys, torch
-from helix_sweep.models import build_classifier, scan_pure
+from helix_sweep.models import build_classifier, causal_conv, scan_pure
 scan_pure.WHOLE_MAX_ELEMENTS = 0  # the chunked scan the cost model describes
+causal_conv.conv_numba_runs = lambda: False  # and PyTorch's conv1d + silu
 def hwm():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 torch.set_num_threads(1)
