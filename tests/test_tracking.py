@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep import tracking
 from helix_sweep.sweep.artifacts import log_confusion_artifacts
-from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
+from helix_sweep.sweep.runs import ensure_parent_runs, get_or_create_parent_run, update_parent_aggregates
 from helix_sweep.sweep.tracking import (
     TrackingUnavailable,
     check_tracking_reachable,
@@ -165,6 +166,47 @@ def test_parent_run_idempotent_and_race_safe(mlflow_server):
     assert run.info.run_name == "esc50/helix-raw"
     assert run.data.tags["dataset"] == "esc50" and run.data.tags["variant"] == "helix-raw"
     assert get_or_create_parent_run(client, eid, "esc50", "helix-mel") != ids[0]
+
+
+class _LateCreate(MlflowClient):
+    """A client whose create request reaches the server 0.1 s after it stamped the run's start_time
+    (a loaded network or server): its parent is the oldest, yet it appears after a later one."""
+
+    def create_run(self, experiment_id, start_time=None, tags=None, run_name=None):
+        start_time = int(time.time() * 1000)
+        time.sleep(0.1)
+        return super().create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+
+
+def test_parent_run_created_late_but_stamped_earlier_is_the_one_kept(mlflow_server):
+    # Keeping "the oldest visible right after my create" returned two parents here: the prompt
+    # creator saw only its own; the late one then saw both and kept its own, the older.
+    _, eid = mlflow_server.new_experiment("parent-late")
+    ids: dict[str, str] = {}
+    late = threading.Thread(target=lambda: ids.setdefault(
+        "late", get_or_create_parent_run(_LateCreate(mlflow_server.uri), eid, "esc50", "helix-raw")))
+    late.start()
+    time.sleep(0.03)
+    ids["prompt"] = get_or_create_parent_run(MlflowClient(mlflow_server.uri), eid, "esc50", "helix-raw")
+    late.join(timeout=60)
+    client = MlflowClient(mlflow_server.uri)
+    live = client.search_runs([eid], "tags.kind = 'parent'")
+    assert ids["late"] == ids["prompt"] == live[0].info.run_id and len(live) == 1
+
+
+def test_ensure_parent_runs_creates_each_pair_once_with_its_folds(mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    _, eid = mlflow_server.new_experiment("parents")
+    existing = get_or_create_parent_run(client, eid, "esc50", "helix-raw")
+    planned = {("esc50", "helix-raw"): [1, 2], ("esc50", "mamba-mel"): [1, 2], ("synth-commands", "helix-raw"): ["split"]}
+    ids = ensure_parent_runs(client, eid, planned)
+    assert ids[("esc50", "helix-raw")] == existing and len(set(ids.values())) == 3
+    assert ensure_parent_runs(client, eid, planned) == ids
+    for (dataset, variant), folds in planned.items():
+        run = client.get_run(ids[dataset, variant])
+        assert run.info.run_name == S.parent_run_name(dataset, variant)
+        assert run.data.tags[S.FOLDS_PLANNED] == ",".join(map(str, folds))
+    assert len(client.search_runs([eid], "tags.kind = 'parent'")) == 3
 
 
 def test_parent_aggregates_equal_children(mlflow_server):

@@ -265,8 +265,7 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: 
     folds: dict[tuple[str, str], list[str]] = {}
     for t in trials:  # every parent up front, so unstarted folds show as pending
         folds.setdefault((t.dataset, t.variant), []).append(t.fold_label)
-    for (dataset, variant), planned in folds.items():
-        runs.get_or_create_parent_run(client, experiment_id, dataset, variant, folds=planned)
+    runs.ensure_parent_runs(client, experiment_id, folds)
     record_planned_oom(client, experiment_id, trials)
     deliver_pending(uri, exp_dir, name)  # final tags an earlier run's trials could not deliver
     if not runnable:

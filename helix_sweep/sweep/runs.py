@@ -64,37 +64,64 @@ def _search_all(client: MlflowClient, experiment_id: str, tags: dict[str, str]) 
 # --------------------------------------------------------------------------------------------
 
 
-def _find_parents(client: MlflowClient, experiment_id: str, dataset: str, variant: str) -> list:
-    runs = _search_all(client, experiment_id, {S.KIND: S.KIND_PARENT, S.DATASET: dataset, S.VARIANT: variant})
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+# A parent run created concurrently elsewhere carries its creator's start_time (stamped before the
+# request) but becomes visible only when that request lands: a creator waits this long past its own
+# start, and at least three of its own create latencies, before it picks the oldest parent.
+PARENT_SETTLE_S = 0.25
+
+
+def _parents_by_pair(client: MlflowClient, experiment_id: str) -> dict[tuple[str, str], list]:
+    """Live parent runs per (dataset, variant), oldest first (start_time, then run id)."""
+    found: dict[tuple[str, str], list] = {}
+    for r in sorted(parent_runs(client, experiment_id), key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        found.setdefault((r.data.tags.get(S.DATASET), r.data.tags.get(S.VARIANT)), []).append(r)
+    return found
+
+
+def ensure_parent_runs(client: MlflowClient, experiment_id: str,
+                       planned: dict[tuple[str, str], Sequence[str | int] | None]) -> dict[tuple[str, str], str]:
+    """The run id of each (dataset, variant) parent run in `planned`, created on first use (idempotent).
+
+    `planned` maps (dataset, variant) to its planned folds, or None: the folds are recorded in the
+    tag `folds_planned` ("1,2,3,4,5" or "split"), so the report shows unstarted folds as pending and
+    `update_parent_aggregates` closes the parent once they are all finished. The driver creates every
+    parent before its trials start. Processes creating the same parent at once each create one, wait
+    until every earlier-stamped one is visible (PARENT_SETTLE_S), keep the oldest and delete their
+    own otherwise, so one parent survives and every caller gets its id.
+    """
+    found = _parents_by_pair(client, experiment_id)
+    created: dict[tuple[str, str], Any] = {}
+    settled_at = 0.0
+    for dataset, variant in planned:
+        if not found.get((dataset, variant)):
+            began = time.time()
+            created[dataset, variant] = client.create_run(
+                experiment_id, run_name=S.parent_run_name(dataset, variant),
+                tags={S.KIND: S.KIND_PARENT, S.DATASET: dataset, S.VARIANT: variant})
+            settle = max(PARENT_SETTLE_S, 3 * (time.time() - began))
+            settled_at = max(settled_at, created[dataset, variant].info.start_time / 1000 + settle)
+    if created:
+        time.sleep(max(0.0, settled_at - time.time()))
+        found = _parents_by_pair(client, experiment_id)
+    ids = {}
+    for pair, folds in planned.items():
+        oldest = found.get(pair, [created.get(pair)])[0]  # own run only if it vanished meanwhile
+        ids[pair] = oldest.info.run_id
+        own = created.get(pair)
+        if own is not None and own.info.run_id != ids[pair]:
+            log.info("Parent run for %s/%s created concurrently; keeping %s", *pair, ids[pair])
+            client.delete_run(own.info.run_id)
+        if folds is not None:
+            planned_tag = ",".join(str(f) for f in folds)
+            if oldest.data.tags.get(S.FOLDS_PLANNED) != planned_tag:
+                client.set_tag(ids[pair], S.FOLDS_PLANNED, planned_tag)
+    return ids
 
 
 def get_or_create_parent_run(client: MlflowClient, experiment_id: str, dataset: str, variant: str,
                              folds: Sequence[str | int] | None = None) -> str:
-    """The run id of the (dataset, variant) parent run, created on first use (idempotent).
-
-    `folds` (optional) records the planned folds in the tag `folds_planned` ("1,2,3,4,5" or "split"):
-    the report then shows unstarted folds as pending, and `update_parent_aggregates` closes the
-    parent once they are all finished. The driver should create every parent before its trials start.
-    Two processes creating the parent at once both create one, then both keep the oldest and the
-    other creator deletes its own, so one parent survives.
-    """
-    found = _find_parents(client, experiment_id, dataset, variant)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run = client.create_run(experiment_id, run_name=S.parent_run_name(dataset, variant),
-                                tags={S.KIND: S.KIND_PARENT, S.DATASET: dataset, S.VARIANT: variant})
-        found = _find_parents(client, experiment_id, dataset, variant)
-        run_id = found[0].info.run_id if found else run.info.run_id
-        if run_id != run.info.run_id:
-            log.info("Parent run for %s/%s created concurrently; keeping %s", dataset, variant, run_id)
-            client.delete_run(run.info.run_id)
-    if folds is not None:
-        planned = ",".join(str(f) for f in folds)
-        if not found or found[0].data.tags.get(S.FOLDS_PLANNED) != planned:
-            client.set_tag(run_id, S.FOLDS_PLANNED, planned)
-    return run_id
+    """The run id of one (dataset, variant) parent run: `ensure_parent_runs` for a single pair."""
+    return ensure_parent_runs(client, experiment_id, {(dataset, variant): folds})[dataset, variant]
 
 
 def parent_runs(client: MlflowClient, experiment_id: str) -> list:
