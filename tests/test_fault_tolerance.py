@@ -137,8 +137,11 @@ def test_nan_diverges_oom_stops_and_the_rest_finishes(workdir):
 
 
 def test_driver_kill_resumes_unfinished_and_keeps_finished(workdir):
+    # fold3's epochs are slow (9 s): a killed driver's worker goes on for some seconds (seen: it
+    # finished a 2 s epoch 2 after the kill, so the relaunch found the trial finished, not mid-way)
     args = ["datasets=[synth-textures]", "variants=[helix-mel]", "folds=[1,2,3]", "train.epochs=2",
-            "train.batch_size=64", "max_concurrent_trials=1", "train.inject={sleep_per_step: 0.3}"]
+            "train.batch_size=64", "max_concurrent_trials=1",
+            "train.inject={sleep_per_step: 0.3, per_trial: {fold3: {sleep_per_step: 1.5}}}"]
     driver = start(workdir, *args)
     try:
         def two_done_one_midway():
