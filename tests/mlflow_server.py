@@ -118,7 +118,7 @@ def log_fake_sweep(client, name: str) -> FakeSweep:
     numbers), four variants, finished trials plus pending, running, oom, planned_oom and diverged ones."""
     import numpy as np
 
-    from helix_sweep.sweep.runs import get_or_create_experiment, get_or_create_parent_run, update_parent_aggregates
+    from helix_sweep.sweep.runs import ensure_parent_runs, get_or_create_experiment, update_parent_aggregates
 
     eid = get_or_create_experiment(client, name, tags={"grid": "fake"})
     rng = np.random.default_rng(0)
@@ -131,10 +131,11 @@ def log_fake_sweep(client, name: str) -> FakeSweep:
     skip = {("synth-textures", "helix-mel", "5")} | {("esc50", v, f) for v in variants for f in "345"} \
         | {("esc50", "attention-raw", f) for f in "12"}
     sweep = FakeSweep(name, eid, folds, variants, {}, {}, {}, {})
+    parents = ensure_parent_runs(client, eid, {(d, v): fs for d, fs in folds.items() for v in variants})  # as the driver
     for dataset, fs in folds.items():
         with_val = dataset == "synth-commands"
         for variant in variants:
-            parent = get_or_create_parent_run(client, eid, dataset, variant, folds=fs)
+            parent = parents[dataset, variant]
             for fold in fs:
                 k = (dataset, variant, fold)
                 if k in skip:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from helix_sweep.report.loading import load_sweep
 from helix_sweep.report.page import write_report
 from helix_sweep.report.tables import pct
-from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
+from helix_sweep.sweep.runs import ensure_parent_runs, update_parent_aggregates
 from mlflow_server import log_trial, mlflow_server  # noqa: F401  (fixture)
 
 CHROMIUM = os.environ.get("HELIX_CHROMIUM", "/usr/bin/chromium")
@@ -52,9 +52,11 @@ def shots(tmp_path) -> Path:
 def _smoke_sweep(client, eid) -> dict:
     """A finished two-variant sweep: a 2-fold task and a single-split one."""
     best = {}
+    tasks = (("synth-textures", ["1", "2"]), ("synth-commands", ["split"]))
+    parents = ensure_parent_runs(client, eid, {(d, v): folds for d, folds in tasks for v in ("mamba-raw", "helix-raw")})
     for v in ("mamba-raw", "helix-raw"):
-        for dataset, folds in (("synth-textures", ["1", "2"]), ("synth-commands", ["split"])):
-            parent = get_or_create_parent_run(client, eid, dataset, v, folds=folds)
+        for dataset, folds in tasks:
+            parent = parents[dataset, v]
             for i, f in enumerate(folds):
                 accs = [0.3 + 0.1 * i, 0.5 + 0.05 * i + (0.1 if v == "helix-raw" else 0.0)]
                 log_trial(client, eid, parent, dataset, v, f, "finished", accs)

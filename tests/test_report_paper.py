@@ -19,7 +19,7 @@ from helix_sweep.report.loading import load_sweep
 from helix_sweep.report.page import write_report
 from helix_sweep.report.paper import SMOOTH_EPOCHS
 from helix_sweep.report.tables import pct, study_tables
-from helix_sweep.sweep.runs import get_or_create_parent_run, update_parent_aggregates
+from helix_sweep.sweep.runs import ensure_parent_runs, update_parent_aggregates
 from mlflow_server import log_trial, mlflow_server  # noqa: F401  (fixture)
 
 VARIANTS = ["mamba-raw", "mamba-mel", "helix-raw", "helix-mel", "attention-raw", "attention-mel"]
@@ -55,9 +55,10 @@ def log_paper_sweep(client, eid: str) -> dict[tuple[str, str, str], list[float]]
 
     specs = grid_full_specs()
     accs = {}
+    parents = ensure_parent_runs(client, eid, {(d, v): folds for d, folds in FOLDS.items() for v in VARIANTS})
     for k, (dataset, folds) in enumerate(FOLDS.items()):
         for j, v in enumerate(VARIANTS):
-            parent = get_or_create_parent_run(client, eid, dataset, v, folds=folds)
+            parent = parents[dataset, v]
             tokens = TOKENS[dataset][0 if v.endswith("-raw") else 1]
             for i, f in enumerate(folds):
                 spec = specs.get((dataset, v, f))
