@@ -250,8 +250,10 @@ CONV_BACKWARD_SIG = f"void({_A3}, float32[:, :], float32[:], {_A3}, {_A3}, float
 @numba.njit(inline="always", **INLINE)
 def _pre_activation(xp, wt, bias, t, s):  # pragma: no cover - compiled
     """s[e] = bias[e] + sum_k wt[k, e] * xp[t + k, e], xp the input with K - 1 zero rows in front
-    (E innermost, so each line vectorises)."""
-    s[:] = bias
+    (E innermost, so each line vectorises). The copy is a loop: numba compiles an array-to-slice
+    assignment with its shape-mismatch message, ~2 s of string code per fresh compile."""
+    for e in range(s.shape[0]):
+        s[e] = bias[e]
     for k in range(wt.shape[0]):
         for e in range(s.shape[0]):
             s[e] += wt[k, e] * xp[t + k, e]
