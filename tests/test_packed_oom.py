@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from helix_sweep.run import plan_trials
 from helix_sweep.sweep import schema as S
-from helix_sweep.sweep.driver import on_whole_gpu, resolve_use_gpu
+from helix_sweep.sweep.driver import resolve_use_gpu
+from helix_sweep.sweep.trainable import on_whole_gpu
 from helix_sweep.sweep.trial_run import TrialRun
 from helix_sweep.sweep.worker import RayMlflowReporter, packed
 from helix_sweep.training import Progress

@@ -15,7 +15,8 @@ from helix_sweep import plan
 from helix_sweep.config import ConfigError, load_config
 from helix_sweep.run import main as run_main
 from helix_sweep.run import plan_trials
-from helix_sweep.sweep.driver import max_concurrent, resolve_use_gpu, worker_resources
+from helix_sweep.sweep.driver import max_concurrent, resolve_use_gpu
+from helix_sweep.sweep.trainable import worker_resources
 from helix_sweep.sweep.grid import expand_grid
 from helix_sweep.sweep.schedule import lower_bound, makespans, simulate_makespan
 from helix_sweep.training import budget, packing

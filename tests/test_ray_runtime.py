@@ -102,6 +102,12 @@ def test_lean_trainer_leaves_out_only_the_cleaner_and_datasets_callbacks(tmp_pat
     assert not lean_train(load_config(["ray_address=127.0.0.1:6379"]))
     assert not lean_train(load_config(["search.num_samples=4"]))
 
+    # nothing of a lean grid asks the state API: its local Ray starts without the dashboard; a search keeps it
+    from helix_sweep.sweep.ray_runtime import init_options
+
+    assert init_options(lean=True) == {"include_dashboard": False}
+    assert init_options(lean=False) == {}
+
 
 def test_a_single_cpu_worker_trials_controller_needs_no_torch(tmp_path):
     """What a lean one-CPU-worker trial sends its controller process (the run context and the callbacks)

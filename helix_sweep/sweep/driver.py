@@ -1,11 +1,9 @@
 """The sweep driver: the tracking server, Ray, one Tune trial per TrialSpec, the results table (the checks
 that need no process come first, in helix_sweep.run).
 
-Each Tune trial is a thin function that builds and fits a Ray Train TorchTrainer (the supported
-Train-inside-Tune pattern of Train V2). Its RunConfig has a name from the trial key and a fixed
-storage path, so a relaunched trial (restored driver, retried error) resumes that Train run from its
-latest checkpoint. The Tune experiment lives in <workdir>/experiments/<experiment>; re-running the
-same command, or `resume=<name or path>`, restores it: finished trials are not rerun.
+Each Tune trial is a thin function that builds and fits a Ray Train trainer
+(helix_sweep.sweep.trainable). The Tune experiment lives in <workdir>/experiments/<experiment>;
+re-running the same command, or `resume=<name or path>`, restores it: finished trials are not rerun.
 """
 
 from __future__ import annotations
@@ -20,14 +18,15 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from helix_sweep.config import ConfigError, ResourceConfig, SweepConfig, TrialSpec
+from helix_sweep.config import ConfigError, SweepConfig, TrialSpec
 from helix_sweep.sweep import ray_runtime, runs, tracking, trial_run
 from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.outage import is_outage
 from helix_sweep.sweep.grid import datasets_read
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import apply_sample, sample_key, search_space, searcher_and_scheduler
-from helix_sweep.training import check_writable, format_fraction, storage_error
+from helix_sweep.sweep.trainable import end_run, train_trial, trial_dir_name, uses_gpu
+from helix_sweep.training import format_fraction
 
 log = logging.getLogger(__name__)
 
@@ -41,106 +40,11 @@ def make_data(trials: list[TrialSpec]) -> None:
         require_prepared(root, dataset, subset or None)
 
 
-def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
-    """The Tune trainable: fit one TorchTrainer for this trial (resuming its Train run if any).
-
-    config carries only the trial key (and a search's sampled values), so Tune's table and state
-    stay small; the TrialSpecs themselves ride along through tune.with_parameters and on to the
-    Train workers (train_loop_config), in the one form they have from grid expansion on.
-    `where` (tracking URI and wait, storage path, max_failures) also comes through
-    tune.with_parameters, from the driver that launches the trial: Tuner.restore restores each
-    trial's config as it was pickled, but takes the trainable (and its parameters) anew, so a
-    restored trial logs to the tracking server the driver was restarted with."""
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from helix_sweep.sweep.worker import train_worker
-
-    spec = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
-    name = trial_dir_name(spec.key)
-    run_dir = str(Path(where["storage_path"]) / name)
-    r = spec.resources
-    use_gpu = uses_gpu(r, cluster_gpus()[0])  # the driver resolves "auto"; this is for older experiments
-    if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
-        spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
-    trainer_cls = ray_runtime.trainer_class(lean=where.get("lean_train", False),
-                                            torch_backend=use_gpu or r.num_workers > 1)
-    trainer = lambda spec: trainer_cls(  # built inside the try below: Ray checks the storage as it starts
-        train_worker,
-        train_loop_config={"trial": spec,
-                           "tracking": {**where["tracking"], "run_dir": run_dir},
-                           "threads": max(1, int(r.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(spec, use_gpu)),
-        # NCCL needs real GPUs: on fake or CPU-only GPU resources, gloo
-        torch_config=None if torch.cuda.is_available() else TorchConfig(backend="gloo"),
-        run_config=RunConfig(
-            name=name, storage_path=where["storage_path"],  # same name: resumes
-            callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=where["max_failures"]),
-        ),
-    )
-    try:
-        result = trainer(spec).fit()
-        if use_gpu and spec.budget.gpu_fraction < 1 and getattr(result, "return_value", None) == S.OOM:
-            # Out of memory on a share of a GPU (a sharer may have grown, or the plan was tight): once
-            # more, on a whole GPU, before it counts as oom. Same Train run, so it resumes from the
-            # latest checkpoint and the worker reopens the trial's MLflow run, left open for this
-            # (worker.RayMlflowReporter.finish). The marker keeps a relaunch after a driver restart
-            # on the whole GPU. One refit here, in the Tune trial, instead of a second Tune pass:
-            # the trial's Tune state, searcher and results stay one trial.
-            log.warning("%s ran out of memory on %s of a GPU: retrying on a whole GPU", spec.key,
-                        format_fraction(spec.budget.gpu_fraction))
-            (Path(run_dir) / WHOLE_GPU).touch()
-            trainer(on_whole_gpu(spec)).fit()
-    except Exception as exc:
-        # the storage may have failed where the worker could not see it (Ray Train checking it or
-        # its controller writing its record): one clear error, and the trial's run marked failed
-        try:
-            check_writable(run_dir)
-        except OSError as cause:
-            error = storage_error(spec.key, run_dir, cause)
-            end_run(where["tracking"]["uri"], spec, run_dir, S.FAILED, str(error))
-            raise error from exc
-        raise
-
-
 def lean_train(cfg: SweepConfig) -> bool:
     """Trials fit ray_runtime's lean TorchTrainer on a local Ray (the driver's own, not a cluster) for a
     grid (a search's scheduler stops trials, and only a stopped trial or a lost node needs the
     placement-group cleaner)."""
     return cfg.ray_address is None and cfg.search.num_samples == 0
-
-
-WHOLE_GPU = "whole_gpu"  # in a trial's Train run directory: it ran out of memory packed, retried whole
-
-
-def worker_resources(spec: TrialSpec, use_gpu: bool) -> dict:
-    """What each Train worker of the trial asks Ray for: its CPUs and, on a GPU cluster, its planned
-    GPU share (spec.budget.gpu_fraction: a fraction packs it beside other trials on one GPU)."""
-    return {"CPU": spec.resources.cpus_per_worker, **({"GPU": spec.budget.gpu_fraction} if use_gpu else {})}
-
-
-def on_whole_gpu(spec: TrialSpec) -> TrialSpec:
-    return replace(spec, budget=replace(spec.budget, gpu_fraction=max(1.0, spec.budget.gpu_fraction)))
-
-
-def end_run(uri: str, spec: TrialSpec, run_dir: str | Path, status: str, reason: str = "") -> None:
-    """Best effort: the trial's MLflow run, if still tagged running, ends with `status` and the reason
-    (with the server away, the end waits in the trial's pending file for the next run or report)."""
-    try:
-        trial_run.end_trial_run(uri, spec.experiment, spec.key, spec.dataset, spec.variant, spec.fold_label,
-                                run_dir, status, reason)
-    except Exception as exc:  # the trial's error carries the reason anyway
-        log.warning("could not mark %s %s in MLflow: %s", spec.key, status, exc)
-
-
-def trial_dir_name(key: str) -> str:
-    """A trial's folder (and Train run) name: its key, slashes being path separators."""
-    return key.replace("/", "__")
 
 
 def trial_name(trial) -> str:
@@ -192,11 +96,6 @@ def cluster_gpus(autoscaling: bool = True) -> tuple[float, float]:
     return now, max(now, reported, autoscaler_gpus())
 
 
-def uses_gpu(r: ResourceConfig, gpus: float) -> bool:
-    """resources.use_gpu: "auto" means yes when the cluster has or can add GPUs."""
-    return {"auto": gpus > 0, "true": True, "false": False}[str(r.use_gpu).lower()]
-
-
 def resolve_use_gpu(trials: list[TrialSpec], gpus: float) -> list[TrialSpec]:
     """Fix each trial's use_gpu to "true"/"false" once, in the driver, so every trial (and every
     restart of one) asks Ray for the same resources, including while GPU workers are still starting."""
@@ -246,10 +145,9 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: 
             server = pool.submit(tracking.ensure_tracking_server, cfg.workdir_path)
         made = pool.submit(make_data, trials)
         if runnable and own_ray:
-            # the dashboard serves the state API that Ray Train uses to watch its controllers
             # "local": a fresh local runtime, never someone else's cluster on the same machine
             ray.init(address=cfg.ray_address or "local", log_to_driver=True,
-                     runtime_env=ray_runtime.runtime_env())
+                     runtime_env=ray_runtime.runtime_env(), **ray_runtime.init_options(lean_train(cfg)))
         made.result()
         uri = cfg.tracking_uri or server.result()
     try:

@@ -25,6 +25,12 @@ A lean trial of one CPU worker (the smoke grid's) also has no torch process grou
 world of one issues no collective, helix_sweep.training.distributed): it fits Ray's
 DataParallelTrainer with the plain backend instead of TorchTrainer, whose TorchConfig, unpickled in
 the trial's controller process, makes that process import torch (~2.5 s of CPU per trial on 2 cores).
+
+`init_options(lean)`: the local Ray of a lean grid starts without its dashboard. The dashboard
+serves the state API, which only the PlacementGroupCleaner (left out there) and Ray Train's state
+tracking (off unless RAY_TRAIN_ENABLE_STATE_TRACKING) ask; it is ten Python processes, ~1 s of
+ray.init and ~2-3 s of CPU on a 2-core machine (benchmarks/RESULTS.md). A search or a cluster keeps
+it (a cluster's is the head's, started by `ray start`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ log = logging.getLogger(__name__)
 
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
              "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
+
+
+def init_options(lean: bool) -> dict:
+    """ray.init's options for the driver's own local Ray, beyond its runtime_env."""
+    return {"include_dashboard": False} if lean else {}
 
 
 def pin_ray_address() -> None:
@@ -54,16 +65,19 @@ def runtime_env() -> dict:
 def trainer_class(lean: bool, torch_backend: bool = True):
     """The trainer class a trial fits: Ray's TorchTrainer, or with `lean` the one without the helpers
     above; with `lean` and not `torch_backend` (one CPU worker) the lean DataParallelTrainer. Every one
-    takes TorchTrainer's arguments (the lean DataParallelTrainer drops torch_config)."""
+    takes TorchTrainer's arguments (the lean DataParallelTrainer drops torch_config). Only a
+    TorchTrainer imports torch (ray.train.torch does), so the lean DataParallelTrainer leaves the
+    trial actor that builds it without torch."""
+    lean_cls = lean and _lean_trainer(torch_backend)
+    if lean_cls:
+        return lean_cls
     from ray.train.torch import TorchTrainer
 
-    return (lean and _lean_trainer(torch_backend)) or TorchTrainer
+    return TorchTrainer
 
 
 @cache
 def _lean_trainer(torch_backend: bool):
-    from ray.train.torch import TorchTrainer
-
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -71,8 +85,7 @@ def _lean_trainer(torch_backend: bool):
     except ImportError as exc:
         log.info("Ray Train's default callbacks moved (%s): trials use the full TorchTrainer", exc)
         return None
-    if not (issubclass(TorchTrainer, DataParallelTrainer)
-            and callable(getattr(DataParallelTrainer, "_create_default_callbacks", None))):
+    if not callable(getattr(DataParallelTrainer, "_create_default_callbacks", None)):
         log.info("Ray Train's trainers changed: trials use the full TorchTrainer")
         return None
     unneeded = (DatasetsCallback, PlacementGroupCleanerCallback)
@@ -81,11 +94,19 @@ def _lean_trainer(torch_backend: bool):
         def _create_default_callbacks(self):
             return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
+    if not torch_backend:
+        class LeanTrainer(WithoutHelpers, DataParallelTrainer):
+            def __init__(self, train_loop_per_worker, *, torch_config=None, **kwargs):
+                super().__init__(train_loop_per_worker, **kwargs)  # the plain backend: no process group
+
+        return LeanTrainer
+    from ray.train.torch import TorchTrainer
+
+    if not issubclass(TorchTrainer, DataParallelTrainer):
+        log.info("Ray Train's trainers changed: trials use the full TorchTrainer")
+        return None
+
     class LeanTorchTrainer(WithoutHelpers, TorchTrainer):
         pass
 
-    class LeanTrainer(WithoutHelpers, DataParallelTrainer):
-        def __init__(self, train_loop_per_worker, *, torch_config=None, **kwargs):
-            super().__init__(train_loop_per_worker, **kwargs)  # the plain backend: no process group
-
-    return LeanTorchTrainer if torch_backend else LeanTrainer
+    return LeanTorchTrainer

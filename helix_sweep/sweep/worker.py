@@ -200,7 +200,7 @@ class RayMlflowReporter:
 
     def retried_on_whole_gpu(self, progress: Progress, trial: TrialReport) -> bool:
         """Out of memory on a share of a GPU does not end the trial: the Tune trial fits it again on a
-        whole GPU (driver.train_trial reads the status train_worker returns), resuming this run, so
+        whole GPU (trainable.train_trial reads the status train_worker returns), resuming this run, so
         the run stays open, with the reason noted."""
         if progress.status != S.OOM or not packed(self.spec):
             return False
