@@ -98,7 +98,7 @@ def run(cfg, trials) -> int:
     check_data(trials)
     exp_dir = experiment.experiment_dir(cfg.workdir_path, trials[0].experiment, cfg.resume)
     with experiment.ExperimentLock(exp_dir):
-        experiment.check_same_config(exp_dir, to_yaml(cfg) + "\n# trials\n" + "\n".join(t.key for t in trials))
+        experiment.check_same_config(exp_dir, experiment.settings_record(to_yaml(cfg), [t.key for t in trials]))
         server = None if cfg.tracking_uri else start_tracking_server(cfg.workdir_path)
         compiling = compile_cpu_kernels(cfg, trials)
         try:

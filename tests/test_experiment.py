@@ -129,3 +129,50 @@ def test_kernels_compile_in_the_background_only_for_a_local_sweep_with_mamba_tri
     assert started and "helix_sweep.models.mixer_numba" in started[0][-1]
     monkeypatch.setattr(run, "kernels_cached", lambda: True)
     assert run.compile_cpu_kernels(local, [mamba]) is None  # compiled already
+
+
+def record_of(*overrides: str) -> str:
+    from helix_sweep.config import to_yaml
+    from helix_sweep.run import plan_trials
+    from helix_sweep.sweep.experiment import settings_record
+
+    cfg, trials = plan_trials(list(overrides))
+    return settings_record(to_yaml(cfg), [t.key for t in trials])
+
+
+def test_an_experiment_continues_only_with_its_settings_but_survives_a_release_adding_one(tmp_path, caplog):
+    from helix_sweep.sweep.experiment import check_same_config
+
+    exp = tmp_path / "exp"
+    saved = exp / "helix_config.yaml"
+    started = record_of()
+    check_same_config(exp, started)
+    assert saved.read_text() == started
+    check_same_config(exp, started)  # the same command continues
+    check_same_config(exp, record_of("tracking_uri=http://elsewhere:5000", "max_concurrent_trials=1"))  # where, not what
+
+    with pytest.raises(ConfigError) as err:  # a changed value: refused, naming the key and both values
+        check_same_config(exp, record_of("train.lr=0.01"))
+    assert "train.lr: 0.005 -> 0.01" in str(err.value) and saved.read_text() == started
+    with pytest.raises(ConfigError) as err:  # another grid: refused, naming the trials
+        check_same_config(exp, record_of("variants=[mamba-raw]"))
+    assert "trials: 6 in the experiment, 1 on the command line" in str(err.value)
+
+    with pytest.raises(ConfigError, match=r"train_explicit.lr: \(not set\) -> 0.005"):  # explicit now: wins over
+        check_same_config(exp, record_of("train.lr=0.005"))  # a dataset's own lr, so not the same settings
+
+    # an experiment started before a release added train.max_nonfinite_steps (its record lacks the key)
+    # and with fields this release no longer has
+    older = started.replace("  max_nonfinite_steps: 25\n", "").replace("train:\n", "train:\n  retired_key: 3\n", 1)
+    older = older.replace("  synth-concat:\n", "  synth-concat:\n    retired_field: x\n", 1)
+    assert older.count("retired") == 2 and "max_nonfinite_steps" not in older
+    saved.write_text(older)
+    with pytest.raises(ConfigError, match=r"train.max_nonfinite_steps: \(not set\) -> 5"):  # not the default:
+        check_same_config(exp, record_of("train.max_nonfinite_steps=5"))  # the experiment ran without it
+    with caplog.at_level("WARNING"):
+        check_same_config(exp, started)
+    assert "train.max_nonfinite_steps=25" in caplog.text
+    assert "train.retired_key" in caplog.text and "dataset_defs.synth-concat.retired_field" in caplog.text
+    assert saved.read_text() == started  # the record now has it: a later change of it is caught
+    with pytest.raises(ConfigError, match="train.max_nonfinite_steps: 25 -> 5"):
+        check_same_config(exp, record_of("train.max_nonfinite_steps=5"))

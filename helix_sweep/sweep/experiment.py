@@ -9,7 +9,6 @@ when its pid is gone, on any host when its heartbeat has not moved for STALE_S.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -17,6 +16,9 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from helix_sweep.config import ConfigError
 
@@ -141,17 +143,117 @@ class ExperimentLock:
                 log.debug("lock heartbeat: %s", exc)
 
 
-def check_same_config(exp_dir: Path, cfg_yaml: str) -> None:
-    """An experiment continues only with the settings it was started with."""
+TRIALS_MARK = "\n# trials\n"  # the settings record: the config's YAML, then this line, then one trial key a line
+IGNORED = ("resume", "dry_run", "ray_address", "tracking_uri", "tracking_wait_s", "max_concurrent_trials")
+
+
+def settings_record(cfg_yaml: str, trial_keys: list[str]) -> str:
+    return cfg_yaml + TRIALS_MARK + "\n".join(trial_keys)
+
+
+def check_same_config(exp_dir: Path, record: str) -> None:
+    """An experiment continues only with the settings it was started with (`settings_record`).
+
+    Compared key by key, top-level keys of IGNORED aside (where it runs, not what). A release between
+    two restarts of a long sweep may add settings or retire some: a key the record lacks that the
+    command gives its release default (this grid with no overrides), and a field the config schema
+    no longer has, are accepted with a warning naming them, and the record is updated, so that a
+    later change of such a key is caught. Anything else that differs (a value, an entry of a map such
+    as train_explicit or dataset_defs, the trial list) refuses, naming each difference."""
     saved = exp_dir / "helix_config.yaml"
     if not saved.exists():
         exp_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(cfg_yaml)
+        saved.write_text(record)
         return
-    ignore = ("resume:", "dry_run:", "ray_address:", "tracking_uri:", "tracking_wait_s:", "max_concurrent_trials:")
-    old = [ln for ln in saved.read_text().splitlines() if not ln.strip().startswith(ignore)]
-    new = [ln for ln in cfg_yaml.splitlines() if not ln.strip().startswith(ignore)]
-    if old != new:
-        diff = "\n".join(list(difflib.unified_diff(old, new, "experiment", "command line", lineterm="", n=0))[:40])
+    old_cfg, old_trials = _parse_record(saved.read_text(), saved)
+    new_cfg, new_trials = _parse_record(record, "the command line")
+    changed, added, dropped = [], [], []
+    _compare(old_cfg, new_cfg, (), changed, added, dropped)
+    defaults = _release_defaults(new_cfg.get("grid"))
+    missing = object()
+    for path, value in added:
+        if _lookup(defaults, path, missing) == value:
+            continue
+        changed.append(f"{'.'.join(path)}: (not set) -> {value!r}")
+    for path, value in dropped:
+        if not _schema_field(path[:-1]):
+            changed.append(f"{'.'.join(path)}: {value!r} -> (not set)")
+    if old_trials != new_trials:
+        gone, new = sorted(set(old_trials) - set(new_trials)), sorted(set(new_trials) - set(old_trials))
+        changed.append(f"trials: {len(old_trials)} in the experiment, {len(new_trials)} on the command line"
+                       + (f"; not in the command's grid: {', '.join(gone[:10])}" if gone else "")
+                       + (f"; new: {', '.join(new[:10])}" if new else ""))
+    if changed:
+        lines = "\n".join(f"  {c}" for c in changed[:40]) + (f"\n  ... {len(changed) - 40} more" if len(changed) > 40 else "")
         raise ConfigError(f"experiment {exp_dir} was started with other settings; continue it with the same "
-                          f"command, or pick a new experiment=NAME. Differences:\n{diff}")
+                          f"command, or pick a new experiment=NAME. Differences (experiment -> command line):\n{lines}")
+    if added or dropped:
+        log.warning("experiment %s predates this release's settings; continuing with %s (%s now records them)%s",
+                    exp_dir, ", ".join(f"{'.'.join(p)}={v!r}" for p, v in added) or "no new ones", saved.name,
+                    f"; no longer settings: {', '.join('.'.join(p) for p, _ in dropped)}" if dropped else "")
+        saved.write_text(record)
+
+
+def _parse_record(text: str, where) -> tuple[dict, list[str]]:
+    cfg_yaml, _, trials = text.partition(TRIALS_MARK)
+    try:
+        cfg = yaml.safe_load(cfg_yaml) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: the experiment's settings do not parse: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: the experiment's settings are not a mapping")
+    return {k: v for k, v in cfg.items() if k not in IGNORED}, [t for t in trials.splitlines() if t.strip()]
+
+
+def _compare(old, new, path: tuple, changed: list, added: list, dropped: list) -> None:
+    """Differences of two parsed configs: changed values (as lines), keys only in new (added) and keys
+    only in old (dropped), each as (path, value); mappings are compared key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(old.keys() | new.keys(), key=str):
+            if k not in new:
+                dropped.append(((*path, str(k)), old[k]))
+            elif k not in old:
+                added.append(((*path, str(k)), new[k]))
+            else:
+                _compare(old[k], new[k], (*path, str(k)), changed, added, dropped)
+    elif old != new:
+        changed.append(f"{'.'.join(path)}: {old!r} -> {new!r}")
+
+
+def _release_defaults(grid) -> dict:
+    """This release's settings for the grid with no overrides: what a key it added takes by default."""
+    from helix_sweep.config import load_config, to_dict
+
+    try:
+        return to_dict(load_config([f"grid={grid}"] if grid else []))
+    except ConfigError:  # the grid itself is gone: no key counts as a release default
+        return {}
+
+
+def _lookup(tree: dict, path: tuple, missing):
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            return missing
+        tree = tree[k]
+    return tree
+
+
+def _schema_field(path: tuple) -> bool:
+    """Whether `path` names a config dataclass in this release's schema (SweepConfig's fields, the
+    dataclasses they hold, the values of its Dict[str, dataclass] maps), rather than a map's entry."""
+    import typing
+    from dataclasses import is_dataclass
+
+    from helix_sweep.config import SweepConfig
+
+    node: Any = SweepConfig
+    for k in path:
+        if is_dataclass(node):
+            node = typing.get_type_hints(node).get(k)
+        elif typing.get_origin(node) in (dict, typing.Dict):
+            node = typing.get_args(node)[1]
+        else:
+            return False
+        node = next((a for a in typing.get_args(node) if a is not type(None)), node) \
+            if typing.get_origin(node) is typing.Union else node
+    return is_dataclass(node)
