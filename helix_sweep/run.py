@@ -123,7 +123,7 @@ def kernels_cached(models: Path = MODELS) -> bool:
 def compile_cpu_kernels(cfg, trials) -> subprocess.Popen | None:
     """A local sweep that will train Mamba layers, with no compiled kernels cached (a fresh clone):
     compile them in a background process while the sweep starts, instead of in each of the first CPU
-    trials at once (~7.5 s of CPU apiece on 2 cores; on a local GPU machine it is done once, unused). A
+    trials at once (~5.5 s of CPU apiece on a 2-core Zen 5; on a local GPU machine it is done once, unused). A
     trial that starts first compiles them itself, as it would anyway; numba's cache takes either."""
     mamba = any("M" in t.pattern for t in trials if t.status == "run")
     if cfg.ray_address is not None or not mamba or kernels_cached():
