@@ -4,6 +4,8 @@ for whole sweeps, a real local Ray. No mocks.
 In process (seconds):
 - a write MLflow refuses is skipped and counted in the run's tracking_errors tag; later writes arrive;
 - outages and refusals are told apart on the exceptions MLflow really raises;
+- a write the server fails on (5xx to it alone, while the server answers its store's reads) is dropped
+  and counted after a few tries instead of holding every later write forever;
 - a trial run opened, logged and closed while its server is away leaves one pending file, which
   deliver_pending turns into one run with every epoch and its end status, once;
 - oom and diverged are in the trial's final checkpoint: a relaunch from it trains nothing.
@@ -111,6 +113,59 @@ def test_outage_and_refusal_told_apart(mlflow_server):
     assert not is_outage(OSError(28, "No space left on device"))
     assert not is_outage(ValueError("a bug of ours"))
     assert is_outage(TimeoutError("timed out"))
+
+
+def test_a_write_the_server_fails_on_is_dropped_after_a_few_tries(mlflow_server, tmp_path):
+    # a store error on one write alone: the server's SQLite fails inserting this tag (a trigger that
+    # runs invalid JSON through json()), and MLflow answers 503 to it while answering everything else
+    import sqlite3
+
+    name, _ = mlflow_server.new_experiment("fails-on")
+    db = sqlite3.connect(mlflow_server.workdir / "mlflow" / "mlflow.db")
+    db.execute("CREATE TRIGGER fails_on_tag BEFORE INSERT ON tags WHEN NEW.key = 'fails_on' "
+               "BEGIN SELECT json('{not json'); END")
+    db.commit()
+    try:
+        run = TrialRun(mlflow_server.uri, name, *KEY, run_dir=tmp_path)
+        run_id = run.open({"lr": 0.01})
+        run.set_tags({"fails_on": "the store fails on this write"})
+        run.log_epochs(EPOCHS)
+        assert run.buffer.pending  # held at first: one 5xx could be a server on its way down
+        assert run.close(S.FINISHED, {}, {S.EPOCHS_DONE: 2}, wait_s=30)
+    finally:
+        db.execute("DROP TRIGGER fails_on_tag")
+        db.commit()
+        db.close()
+    got = MlflowClient(mlflow_server.uri).get_run(run_id)
+    assert "fails_on" not in got.data.tags and got.data.tags[S.TRACKING_ERRORS] == "1"
+    assert got.data.tags[S.STATUS] == S.FINISHED and history(mlflow_server.uri, run_id) == [1, 2]
+    assert not (tmp_path / PENDING_FILE).exists()
+
+
+def test_a_5xx_while_the_store_does_not_answer_is_an_outage():
+    from mlflow.exceptions import RestException
+
+    from helix_sweep.sweep.outage import POISON_AFTER, OutageBuffer
+
+    def deliver(write):
+        if write == "fails":
+            raise RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "store unavailable"})
+        delivered.append(write)
+
+    def probe():
+        if not store_answers:
+            raise MlflowException("API request to /api/2.0/mlflow/experiments/search failed with timeout exception")
+
+    delivered, store_answers = [], False
+    buffer = OutageBuffer(deliver, probe=probe)
+    buffer.pending = ["fails", "next"]
+    for _ in range(2 * POISON_AFTER):
+        assert not buffer.flush()  # the server answers nothing else either: wait for it
+    assert delivered == [] and buffer.errors == 0
+    store_answers = True
+    for _ in range(POISON_AFTER - 1):
+        assert not buffer.flush()
+    assert buffer.flush() and delivered == ["next"] and buffer.errors == 1
 
 
 def test_trial_run_through_an_outage_is_delivered_later(mlflow_server, tmp_path):

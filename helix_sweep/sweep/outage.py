@@ -9,6 +9,10 @@ temp files'), or the write itself failed before any request (a bug or bad data o
 `OutageBuffer` delivers writes in order. At an outage it stops and keeps that write and everything
 after it for the next flush (order matters: a run is opened before it is logged to); a permanent
 error is logged, counted and the write dropped, so one bad value never blocks the writes behind it.
+A 5xx answer is an outage unless the server answers otherwise: given a `probe` (a read that goes
+through the server's store), a write answered with 5xx POISON_AFTER times in a row while the probe
+succeeds each time is one the server fails on (a store error on that write alone) and is dropped as
+refused; otherwise it would hold every later write of the trial, and the trial's pending file, forever.
 While the server is away, `poll` (what new writes trigger) tries again only after a back-off
 (retry_s, doubling up to MAX_RETRY_S), so a host that times out rather than refusing does not stall
 training at every write; `flush` and `drain` always try.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import socket
 import time
 from typing import Callable, Generic, Iterator, Optional, TypeVar
@@ -30,6 +35,7 @@ PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno
 PERMANENT_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system", "File too large")
 RETRY_STATUSES = {408, 429}  # HTTP 4xx that mean "later", not "no"
 MAX_RETRY_S = 300.0
+POISON_AFTER = 3  # 5xx answers in a row to one write, the server answering the probe each time
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -52,6 +58,19 @@ def _http_status(exc: BaseException) -> Optional[int]:
         except (TypeError, ValueError):
             return None
     return None
+
+
+def _answered_5xx(exc: BaseException) -> Optional[int]:
+    """The 5xx status the server answered with (not a refused connection or a timeout, which MLflow's
+    client also reports as status 500), or None."""
+    from mlflow.exceptions import RestException
+
+    for e in _chain(exc):
+        status = _http_status(e) if isinstance(e, RestException) or getattr(e, "response", None) is not None else None
+        if status is not None and status >= 500:
+            return status
+    found = re.search(r"too many (5\d\d) error responses", str(exc))  # urllib3's retries spent on answers
+    return int(found.group(1)) if found else None
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -85,13 +104,15 @@ T = TypeVar("T")
 class OutageBuffer(Generic[T]):
     """In-order delivery of writes through `deliver(write)`; see the module docstring."""
 
-    def __init__(self, deliver: Callable[[T], None], describe: Callable[[T], str] = str, retry_s: float = 15.0):
-        self.deliver, self.describe, self.retry_s = deliver, describe, retry_s
+    def __init__(self, deliver: Callable[[T], None], describe: Callable[[T], str] = str, retry_s: float = 15.0,
+                 probe: Optional[Callable[[], object]] = None):
+        self.deliver, self.describe, self.retry_s, self.probe = deliver, describe, retry_s, probe
         self.pending: list[T] = []
         self.errors = 0  # permanent errors skipped so far
         self.down_since: Optional[float] = None
         self.last_try = 0.0
         self.outages = 0  # flushes in a row stopped by an outage
+        self.server_errors = 0  # 5xx answers in a row to the first pending write, with the probe answering
 
     def add(self, write: T) -> None:
         self.pending.append(write)
@@ -113,7 +134,7 @@ class OutageBuffer(Generic[T]):
             try:
                 self.deliver(write)
             except Exception as exc:
-                if is_outage(exc):
+                if is_outage(exc) and not self._fails_on(write, exc):
                     self.outages += 1
                     if self.down_since is None:
                         self.down_since = time.monotonic()
@@ -124,11 +145,31 @@ class OutageBuffer(Generic[T]):
                 log.error("MLflow refused %s (%s: %s); skipped, later writes go on (%d such errors)",
                           self.describe(write), type(exc).__name__, _first_line(exc), self.errors)
             self.pending.pop(0)
+            self.server_errors = 0
         self.outages = 0
         if self.down_since is not None:
             log.info("MLflow reachable again after %.0f s; buffered writes delivered",
                      time.monotonic() - self.down_since)
             self.down_since = None
+        return True
+
+    def _fails_on(self, write: T, exc: BaseException) -> bool:
+        """Whether the server, answering 5xx to `write`, answers the probe: POISON_AFTER times in a row
+        means it fails on this write, not that it is away (see the module docstring)."""
+        status = _answered_5xx(exc)
+        if self.probe is None or status is None:
+            return False
+        try:
+            self.probe()
+        except Exception as probe_exc:  # away, or its store is: an outage, counted afresh once it is back
+            log.debug("probe after a %d to %s failed: %s", status, self.describe(write), _first_line(probe_exc))
+            self.server_errors = 0
+            return False
+        self.server_errors += 1
+        if self.server_errors < POISON_AFTER:
+            return False
+        log.error("MLflow answered %s with HTTP %d %d times in a row while answering other requests: the "
+                  "server fails on this write", self.describe(write), status, self.server_errors)
         return True
 
     def drain(self, wait_s: float, poll_s: float = 2.0) -> bool:

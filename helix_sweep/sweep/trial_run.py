@@ -108,7 +108,7 @@ class TrialRun:
         self.run_dir = Path(run_dir) if run_dir else None
         self.run_id = run_id  # known once opened (or from the checkpoint)
         self.experiment_id = ""
-        self.buffer: OutageBuffer[Write] = OutageBuffer(self._deliver, Write.describe)
+        self.buffer: OutageBuffer[Write] = OutageBuffer(self._deliver, Write.describe, probe=self._probe)
         self.logged: set[int] = set()  # epochs the run holds (read when opened)
         self.queued: set[int] = set()  # epochs queued by this process
         self.resumes: Optional[int] = None  # the resumes tag this start sets (fixed once computed)
@@ -157,6 +157,7 @@ class TrialRun:
         self.add(Write("end", {"status": status, "tags": {k: S.param_value(v) for k, v in extra_tags.items()},
                                "only_if_running": False}))
         if self.buffer.drain(wait_s):
+            self._sync_error_count()  # writes refused in the drain count too
             return True
         try:
             where = self.save_pending()
@@ -182,6 +183,10 @@ class TrialRun:
         return ok
 
     # ---------------------------------------------------------------- delivery
+    def _probe(self) -> None:
+        """A read through the server's store (raises when the server or its store does not answer)."""
+        self.client.search_experiments(max_results=1)
+
     def _deliver(self, w: Write) -> None:
         d = w.data
         if w.kind == "open":
