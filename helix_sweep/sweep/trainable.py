@@ -63,7 +63,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
             # (worker.RayMlflowReporter.finish). The marker keeps a relaunch after a driver restart
             # on the whole GPU. One refit here, in the Tune trial, instead of a second Tune pass:
             # the trial's Tune state, searcher and results stay one trial.
-            from helix_sweep.training.packing import format_fraction
+            from helix_sweep.training import format_fraction
 
             log.warning("%s ran out of memory on %s of a GPU: retrying on a whole GPU", spec.key,
                         format_fraction(spec.budget.gpu_fraction))
@@ -72,7 +72,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
     except Exception as exc:
         # the storage may have failed where the worker could not see it (Ray Train checking it or
         # its controller writing its record): one clear error, and the trial's run marked failed
-        from helix_sweep.training.checkpoint import check_writable, storage_error
+        from helix_sweep.training import check_writable, storage_error
 
         try:
             check_writable(run_dir)
