@@ -275,3 +275,41 @@ def test_confusion_artifacts_round_trip(mlflow_server, tmp_path):
     assert (local / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="does not match 2 label names"):
         log_confusion_artifacts(client, run_id, cm, ["a", "b"])
+
+
+def test_a_search_parent_closes_once_its_samples_ended_with_the_best(mlflow_server):
+    # a search's samples share their base trial's fold: the parent counts that fold once, by its best
+    # sample, and closes when the planned samples ended (ASHA-stopped ones too), not at the first
+    client = MlflowClient(mlflow_server.uri)
+    _, eid = mlflow_server.new_experiment("search-parent")
+    parent = get_or_create_parent_run(client, eid, "synth-commands", "helix-mel", ["split"])
+    client.set_tag(parent, S.SAMPLES_PLANNED, "3")
+
+    from helix_sweep.run import plan_trials
+    from helix_sweep.sweep.driver import results_table
+
+    _, [base] = plan_trials(["grid=tune"])
+    assert base.key == "synth-commands/helix-mel/split"
+    assert results_table(client, eid, [base])[0]["status"] == "pending"
+
+    def sample(n, status, best=None):
+        key = f"{base.key}/s{n:08d}"
+        run = client.create_run(eid, run_name=key, tags={
+            **S.trial_tags(key, "synth-commands", "helix-mel", "split"), S.STATUS: status, S.PARENT_RUN_ID: parent})
+        if best is not None:
+            client.log_metric(run.info.run_id, "best_test_acc", best, step=1)
+        return update_parent_aggregates(client, eid, "synth-commands", "helix-mel")
+
+    figures = sample(1, S.FINISHED, 0.5)
+    assert figures["n_folds_done"] == 1 and figures["best_test_acc_mean"] == pytest.approx(0.5)
+    assert client.get_run(parent).info.status == "RUNNING"  # two samples to come
+    sample(2, S.STOPPED, 0.3)
+    assert client.get_run(parent).info.status == "RUNNING"
+    figures = sample(3, S.FINISHED, 0.7)
+    assert figures["n_folds_done"] == 1 and figures["folds"] == ["split"]
+    assert figures["best_test_acc_mean"] == pytest.approx(0.7) and figures["best_test_acc_std"] is None
+    assert client.get_run(parent).info.status == "FINISHED"
+    # the driver's closing table: the search's best sample for its one trial
+    [row] = results_table(client, eid, [base])
+    assert (row["trials"], row["finished"], row["status"]) == (1, 1, "finished/stopped")
+    assert row["best_test_acc_mean"] == pytest.approx(70.0)

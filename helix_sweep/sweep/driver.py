@@ -24,7 +24,7 @@ from helix_sweep.sweep import schema as S
 from helix_sweep.sweep.outage import is_outage
 from helix_sweep.sweep.grid import datasets_read
 from helix_sweep.sweep.schedule import order_longest_first
-from helix_sweep.sweep.search import apply_sample, sample_key, search_space, searcher_and_scheduler
+from helix_sweep.sweep.search import apply_sample, runs_of, sample_key, search_space, searcher_and_scheduler
 from helix_sweep.sweep.trainable import end_run, train_trial, trial_dir_name, uses_gpu
 from helix_sweep.training import format_fraction
 
@@ -163,7 +163,10 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: 
     folds: dict[tuple[str, str], list[str]] = {}
     for t in trials:  # every parent up front, so unstarted folds show as pending
         folds.setdefault((t.dataset, t.variant), []).append(t.fold_label)
-    runs.ensure_parent_runs(client, experiment_id, folds)
+    parents = runs.ensure_parent_runs(client, experiment_id, folds)
+    if cfg.search.num_samples > 0:  # a search's parent closes once its samples ended, not at its first
+        for parent_id in parents.values():
+            client.set_tag(parent_id, S.SAMPLES_PLANNED, str(cfg.search.num_samples))
     record_planned_oom(client, experiment_id, trials)
     deliver_pending(uri, exp_dir, name)  # final tags an earlier run's trials could not deliver
     if not runnable:
@@ -277,17 +280,20 @@ def close_ended_runs(uri: str, specs: dict[str, TrialSpec], trials_dir: Path, gr
 
 
 def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[dict]:
-    """Best test accuracy per (dataset, variant): mean +- std over folds, from the trials' runs."""
+    """Best test accuracy per (dataset, variant): mean +- std over folds, from the trials' runs (in a
+    search, each trial's best finished sample)."""
     by_key = {r.data.tags.get(S.TRIAL_KEY): r for r in runs.trial_runs(client, experiment_id)}
     cells: dict[tuple[str, str], list] = {}
     for t in trials:
-        cells.setdefault((t.dataset, t.variant), []).append(by_key.get(t.key))
+        cells.setdefault((t.dataset, t.variant), []).append(runs_of(t.key, by_key))
     rows = []
-    for (dataset, variant), rs in cells.items():
-        done = [r for r in rs if r is not None and r.data.tags.get(S.STATUS) == S.FINISHED]
+    for (dataset, variant), per_trial in cells.items():
+        done = [max(fin, key=lambda r: r.data.metrics.get(S.BEST_TEST_ACC, 0.0)) for rs in per_trial
+                if (fin := [r for r in rs if r.data.tags.get(S.STATUS) == S.FINISHED])]
         mean, std = S.mean_std([r.data.metrics.get(S.BEST_TEST_ACC, 0.0) * 100 for r in done])
-        statuses = sorted({(r.data.tags.get(S.STATUS) if r else "pending") for r in rs})
-        rows.append({"dataset": dataset, "variant": variant, "trials": len(rs), "finished": len(done),
+        statuses = sorted({r.data.tags.get(S.STATUS) for rs in per_trial for r in rs}
+                          | ({"pending"} if any(not rs for rs in per_trial) else set()))
+        rows.append({"dataset": dataset, "variant": variant, "trials": len(per_trial), "finished": len(done),
                      "best_test_acc_mean": mean, "best_test_acc_std": std, "status": "/".join(statuses)})
     return rows
 

@@ -136,17 +136,24 @@ def update_parent_aggregates(client: MlflowClient, experiment_id: str, dataset: 
     (step = number of finished folds, so its history shows the aggregate as folds came in; nothing is
     logged when the figures did not change): best_test_acc_mean, best_test_acc_std (sample std,
     ddof=1, only when n >= 2), n_folds_done, and test_acc_at_best_val_mean/_std when every finished
-    trial has a validation figure. The parent run is closed once every planned fold (the parent's
-    `folds_planned` tag) has ended: FINISHED when all finished, FAILED when some ended otherwise
-    (oom, diverged, failed, planned_oom). `n_folds_planned` instead closes it as FINISHED once that
-    many folds finished.
+    trial has a validation figure. A fold with several finished runs (a search's samples, which share
+    their base trial's fold) counts once, by its best run. The parent run is closed once every planned
+    fold (the parent's `folds_planned` tag) has ended: FINISHED when all finished, FAILED when some
+    ended otherwise (oom, diverged, failed, planned_oom); a search's parent (its `samples_planned`
+    tag) once that many samples ended, stopped by the scheduler included: FINISHED when one finished.
+    `n_folds_planned` instead closes it as FINISHED once that many folds finished.
     Returns {"parent_run_id", "n_folds_done", "best_test_acc_mean", "best_test_acc_std",
     "test_acc_at_best_val_mean", "test_acc_at_best_val_std", "folds"}; absent figures are None.
     """
     parent_id = get_or_create_parent_run(client, experiment_id, dataset, variant)
     trials = child_runs(client, experiment_id, dataset, variant)
-    done = [r for r in trials if r.data.tags.get(S.STATUS) == S.FINISHED and S.BEST_TEST_ACC in r.data.metrics]
-    done.sort(key=lambda r: S.fold_sort_key(r.data.tags.get(S.FOLD, "")))
+    best: dict[str, Any] = {}  # fold -> its best finished run
+    for r in trials:
+        fold = r.data.tags.get(S.FOLD, "")
+        if r.data.tags.get(S.STATUS) == S.FINISHED and S.BEST_TEST_ACC in r.data.metrics and (
+                fold not in best or r.data.metrics[S.BEST_TEST_ACC] > best[fold].data.metrics[S.BEST_TEST_ACC]):
+            best[fold] = r
+    done = sorted(best.values(), key=lambda r: S.fold_sort_key(r.data.tags.get(S.FOLD, "")))
     figures: dict[str, Any] = {"parent_run_id": parent_id, S.N_FOLDS_DONE: len(done)}
     for metric in S.AGGREGATED:  # a validation figure only when every finished fold has one
         values = [r.data.metrics[metric] for r in done if metric in r.data.metrics]
@@ -166,11 +173,16 @@ def update_parent_aggregates(client: MlflowClient, experiment_id: str, dataset: 
         client.set_tag(parent_id, S.FOLDS_DONE, folds_done)
 
     planned = parent.data.tags.get(S.FOLDS_PLANNED)
+    samples = parent.data.tags.get(S.SAMPLES_PLANNED)
     ended = {r.data.tags.get(S.FOLD): r.data.tags.get(S.STATUS) for r in trials
              if r.data.tags.get(S.STATUS) in S.TERMINAL_STATUSES}
     state = None
     if n_folds_planned is not None:
         state = "FINISHED" if len(done) >= n_folds_planned else None
+    elif samples:
+        samples_ended = [r for r in trials if r.data.tags.get(S.STATUS) in S.TERMINAL_STATUSES | {S.STOPPED}]
+        if len(samples_ended) >= int(samples):
+            state = "FINISHED" if done else "FAILED"
     elif planned and all(f in ended for f in planned.split(",")):
         state = "FINISHED" if len(done) == len(planned.split(",")) else "FAILED"
     if state and parent.info.status != state:

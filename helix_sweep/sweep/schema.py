@@ -39,6 +39,7 @@ PACKED_OOM = "packed_oom"  # why a trial packed on a share of a GPU was retried 
 TRACKING_ERRORS = "tracking_errors"  # writes MLflow refused (a rejected value, a full artifact disk), skipped
 FOLDS_PLANNED = "folds_planned"  # on a parent: the folds the sweep will run, comma-separated
 FOLDS_DONE = "folds_done"  # on a parent: the finished folds its aggregates cover
+SAMPLES_PLANNED = "samples_planned"  # on a search's parent: the samples the search runs (its trials)
 # MLflow 3's UI opens an experiment on its GenAI trace overview unless the experiment says it holds
 # model-training runs; with this experiment tag it opens the runs table.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")

@@ -54,6 +54,12 @@ def sample_key(base_key: str, config: dict) -> str:
     return f"{base_key}/s{digest}"
 
 
+def runs_of(base_key: str, keyed: dict) -> list:
+    """The values of `keyed` (trial key -> run) that are the trial `base_key`'s: its own, or in a
+    search its samples' (sample_key)."""
+    return [r for key, r in keyed.items() if key == base_key or key.startswith(f"{base_key}/s")]
+
+
 def apply_sample(trial: TrialSpec, config: dict) -> TrialSpec:
     """The base trial with the sampled train.* values set (type-checked) and a key of its own."""
     values = sampled(config)
