@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from helix_sweep.sweep.tracking import ensure_tracking_server, server_status, st
 from helix_sweep.sweep.worker import RAY_SNAPSHOT
 from helix_sweep.training.checkpoint import BEST_DIR, checkpoints_on_disk, load_newest, load_state
 from helix_sweep.training.loop import run_training
+from mounts import read_only, tmpfs
 from sweep_process import client_for, kill_group, run, start, trial_runs, wait_for
 
 BASE = ["datasets=[synth-commands]", "train.epochs=2", "train.deterministic=true", "train.batch_size=100"]
@@ -185,45 +185,6 @@ def test_tracking_server_outage_mid_trial(workdir):
     assert r.data.tags["status"] == "finished"
     assert epochs_logged(workdir, r) == [1, 2, 3, 4]
     assert "MLflow unreachable" in (workdir / "driver.log").read_text()
-
-
-@contextmanager
-def read_only(directory: Path):
-    """Make a directory read-only for the processes writing to it: a read-only bind mount over it
-    (root ignores file modes), or the file modes when not root."""
-    if os.geteuid() != 0:
-        paths = [directory, *directory.rglob("*")]
-        modes = {p: p.stat().st_mode for p in paths}
-        for p in paths:
-            p.chmod(modes[p] & ~0o222)
-        try:
-            yield
-        finally:
-            for p, mode in modes.items():
-                p.chmod(mode)
-        return
-    done = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True)
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=True)
-
-
-@contextmanager
-def tmpfs(directory: Path, size_mb: int):
-    """A small tmpfs mounted at directory (root only; skips where mounting is not allowed)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(directory)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=True)
 
 
 @contextmanager

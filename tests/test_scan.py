@@ -331,6 +331,39 @@ def test_cpu_picks_the_fused_loops_for_short_sequences_when_numba_imports(monkey
         selective_scan_pure(**inputs, mode="fused")
 
 
+def test_a_read_only_install_with_no_writable_home_still_runs_the_compiled_kernels(tmp_path):
+    # numba refuses cache=True where it finds no writable place (beside the source, NUMBA_CACHE_DIR,
+    # ~/.cache); the kernels then cache in a per-user folder of the temp dir instead of not importing
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mounts import read_only
+
+    install, home, tmp = tmp_path / "install", tmp_path / "home", tmp_path / "tmp"
+    for d in (home, tmp):
+        d.mkdir()
+    shutil.copytree(Path(scan_pure.__file__).parent.parent, install / "helix_sweep",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "PYTHONPATH": str(install)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    probe = ("from helix_sweep.models.scan_pure import scan_numba_status\n"
+             "import helix_sweep.models.scan_pure as s\n"
+             "print(s.__file__)\nprint(scan_numba_status())")
+    with read_only(install), read_only(home):
+        for _ in range(2):  # the second process finds the first one's cache
+            done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            where, status = done.stdout.splitlines()[-2:]
+            assert where.startswith(str(install)) and status.startswith("(True"), done.stdout + done.stderr[-2000:]
+    cached = list((tmp / f"helix_sweep-numba-{os.getuid()}").rglob("*.nbi"))
+    assert len(cached) == 4, cached  # the four kernels
+    assert "caching the CPU kernels in" in done.stderr
+
+
 @pytest.mark.parametrize("mode", ["whole", "fused"])
 def test_scan_propagates_non_finite_values(mode):
     # the compiled kernels may reassociate sums but never assume finite values: a NaN input must

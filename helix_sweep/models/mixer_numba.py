@@ -29,16 +29,22 @@ fastmath is limited to reassociation and contraction: the E-sums vectorise, whil
 propagate, so a non-finite loss is still seen as one. Explicit signatures (float32, any strides) keep
 one compiled version whatever the inputs' layouts; compiled on first import (~5.5 s of CPU on a Zen 5; a
 sweep does it in the background, helix_sweep.run.compile_cpu_kernels) and cached next to this file
-(numba's cache), so later processes load it in well under a second.
+(numba's cache; `_kernel` says where in a read-only install), so later processes load it in well
+under a second.
 
 Legend: L sequence length, B batch, N d_state, E d_inner (one group), K conv kernel width.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 
 import numba
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FASTMATH = {"reassoc", "contract"}
 # numpy's error model: a division by zero gives inf or NaN, not Python's exception, whose check would
@@ -46,6 +52,26 @@ FASTMATH = {"reassoc", "contract"}
 INLINE = {"fastmath": FASTMATH, "error_model": "numpy"}
 KERNEL = {"cache": True, "nogil": True, **INLINE}
 f32 = np.float32
+
+
+def _kernel(signature: str):
+    """numba.njit(signature, **KERNEL), cached where numba finds a place: beside this file, else
+    NUMBA_CACHE_DIR, else the user's cache folder. With none writable (a read-only install and HOME)
+    numba refuses cache=True outright; the cache then goes to a per-user folder in the temp dir, so
+    the kernels still compile once per machine rather than not at all."""
+    def compile_kernel(fn):
+        try:
+            return numba.njit(signature, **KERNEL)(fn)
+        except RuntimeError as exc:
+            if "no locator available" not in str(exc) or numba.config.CACHE_DIR:
+                raise
+        numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"helix_sweep-numba-{os.getuid()}")
+        log.warning("no writable numba cache beside %s or in the user's cache folder: caching the CPU kernels in "
+                    "%s (set NUMBA_CACHE_DIR to choose)", __file__, numba.config.CACHE_DIR)
+        return numba.njit(signature, **KERNEL)(fn)
+
+    return compile_kernel
+
 
 _A3, _C3 = "float32[:, :, :]", "float32[:, :, ::1]"  # any strides / C-contiguous
 SCAN_FORWARD_SIG = (f"void({_A3}, {_A3}, float32[:, :], {_A3}, {_A3}, float32[:], {_A3}, boolean, "
@@ -119,7 +145,7 @@ def _element(b, u, dt, b_in, c_in, z, has_z, ut, dtt, dtu, bt, ct, zt):  # pragm
             dtu[t, e] = dtt[t, e] * ut[t, e]
 
 
-@numba.njit(SCAN_FORWARD_SIG, **KERNEL)
+@_kernel(SCAN_FORWARD_SIG)
 def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no cover - compiled
     """h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t (h_{-1} = 0), y_t = <h_t, C_t> + D u_t,
     out_t = y_t * silu(z_t) (with has_z).
@@ -154,7 +180,7 @@ def fused_forward(u, dt, A, b_in, c_in, D, z, has_z, out, last):  # pragma: no c
                 last[b, e, n] = h[n, e]
 
 
-@numba.njit(SCAN_BACKWARD_SIG, **KERNEL)
+@_kernel(SCAN_BACKWARD_SIG)
 def fused_backward(u, x, dt, A, b_in, c_in, D, z, has_z, softplus, dout,
                    du, ddelta, dz, grad_b, grad_c, dA, dD, dbias):  # pragma: no cover - compiled
     """Every gradient of `fused_forward`, with dt = softplus(x) (with softplus) or x.
@@ -267,7 +293,7 @@ def _padded_rows(x, b, xp):  # pragma: no cover - compiled
     _rows(x, b, xp[pad:])
 
 
-@numba.njit(CONV_FORWARD_SIG, **KERNEL)
+@_kernel(CONV_FORWARD_SIG)
 def conv_silu_forward(x, w, bias, out):  # pragma: no cover - compiled
     """out[b, t, e] = silu(bias[e] + sum_k w[e, k] x[b, e, t - K + 1 + k]).
 
@@ -284,7 +310,7 @@ def conv_silu_forward(x, w, bias, out):  # pragma: no cover - compiled
                 out[b, t, e] = s[e] * _sigmoid(s[e])
 
 
-@numba.njit(CONV_BACKWARD_SIG, **KERNEL)
+@_kernel(CONV_BACKWARD_SIG)
 def conv_silu_backward(x, w, bias, dout, dx, dw, dbias):  # pragma: no cover - compiled
     """Gradients of `conv_silu_forward`: writes dx (B, E, L, any strides); adds into dw (E, K) and
     dbias (E,). dout: (B, E, L), any strides."""
