@@ -15,12 +15,14 @@ import os
 import socket
 import threading
 import time
+import typing
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from helix_sweep.config import ConfigError
+from helix_sweep.config import ConfigError, SweepConfig, load_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +224,6 @@ def _compare(old, new, path: tuple, changed: list, added: list, dropped: list) -
 
 def _release_defaults(grid) -> dict:
     """This release's settings for the grid with no overrides: what a key it added takes by default."""
-    from helix_sweep.config import load_config, to_dict
-
     try:
         return to_dict(load_config([f"grid={grid}"] if grid else []))
     except ConfigError:  # the grid itself is gone: no key counts as a release default
@@ -241,11 +241,6 @@ def _lookup(tree: dict, path: tuple, missing):
 def _schema_field(path: tuple) -> bool:
     """Whether `path` names a config dataclass in this release's schema (SweepConfig's fields, the
     dataclasses they hold, the values of its Dict[str, dataclass] maps), rather than a map's entry."""
-    import typing
-    from dataclasses import is_dataclass
-
-    from helix_sweep.config import SweepConfig
-
     node: Any = SweepConfig
     for k in path:
         if is_dataclass(node):

@@ -49,7 +49,7 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
     trial's config as it was pickled, but takes the trainable (and its parameters) anew, so a
     restored trial logs to the tracking server the driver was restarted with."""
     spec = apply_sample(specs[config["trial_key"]], config)  # a search sample's train.* values, if any
-    run_dir = str(Path(where["storage_path"]) / trial_dir_name(spec.key))
+    run_dir = train_run_dir(spec, where)
     use_gpu = uses_gpu(spec.resources, float(ray.cluster_resources().get("GPU", 0)))  # resolved by the driver
     if use_gpu and spec.budget.gpu_fraction < 1 and (Path(run_dir) / WHOLE_GPU).exists():
         spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
@@ -90,19 +90,18 @@ def make_trainer(spec: TrialSpec, where: dict, use_gpu: bool):
     from ray.tune.integration.ray_train import TuneReportCallback
 
     r = spec.resources
-    name = trial_dir_name(spec.key)
     torch_backend = use_gpu or r.num_workers > 1
     trainer_cls = ray_runtime.trainer_class(lean=where.get("lean_train", False), torch_backend=torch_backend)
     return trainer_cls(
         train_loop,
         train_loop_config={"trial": spec,
-                           "tracking": {**where["tracking"], "run_dir": str(Path(where["storage_path"]) / name)},
+                           "tracking": {**where["tracking"], "run_dir": train_run_dir(spec, where)},
                            "threads": max(1, int(r.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(spec, use_gpu)),
         **({"torch_config": torch_config()} if torch_backend else {}),
         run_config=RunConfig(
-            name=name, storage_path=where["storage_path"],  # same name: resumes
+            name=trial_dir_name(spec.key), storage_path=where["storage_path"],  # same name: resumes
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=where["max_failures"]),
@@ -149,3 +148,8 @@ def end_run(uri: str, spec: TrialSpec, run_dir: str | Path, status: str, reason:
 def trial_dir_name(key: str) -> str:
     """A trial's folder (and Train run) name: its key, slashes being path separators."""
     return key.replace("/", "__")
+
+
+def train_run_dir(spec: TrialSpec, where: dict) -> str:
+    """The trial's Train run directory: its checkpoints, best/ and pending tracking writes."""
+    return str(Path(where["storage_path"]) / trial_dir_name(spec.key))
