@@ -288,9 +288,8 @@ def results_table(client, experiment_id: str, trials: list[TrialSpec]) -> list[d
         cells.setdefault((t.dataset, t.variant), []).append(runs_of(t.key, by_key))
     rows = []
     for (dataset, variant), per_trial in cells.items():
-        done = [max(fin, key=lambda r: r.data.metrics.get(S.BEST_TEST_ACC, 0.0)) for rs in per_trial
-                if (fin := [r for r in rs if r.data.tags.get(S.STATUS) == S.FINISHED])]
-        mean, std = S.mean_std([r.data.metrics.get(S.BEST_TEST_ACC, 0.0) * 100 for r in done])
+        done = [best for rs in per_trial if (best := runs.best_finished(rs))]
+        mean, std = S.mean_std([r.data.metrics[S.BEST_TEST_ACC] * 100 for r in done])
         statuses = sorted({r.data.tags.get(S.STATUS) for rs in per_trial for r in rs}
                           | ({"pending"} if any(not rs for rs in per_trial) else set()))
         rows.append({"dataset": dataset, "variant": variant, "trials": len(per_trial), "finished": len(done),

@@ -147,13 +147,10 @@ def update_parent_aggregates(client: MlflowClient, experiment_id: str, dataset: 
     """
     parent_id = get_or_create_parent_run(client, experiment_id, dataset, variant)
     trials = child_runs(client, experiment_id, dataset, variant)
-    best: dict[str, Any] = {}  # fold -> its best finished run
+    by_fold: dict[str, list] = {}
     for r in trials:
-        fold = r.data.tags.get(S.FOLD, "")
-        if r.data.tags.get(S.STATUS) == S.FINISHED and S.BEST_TEST_ACC in r.data.metrics and (
-                fold not in best or r.data.metrics[S.BEST_TEST_ACC] > best[fold].data.metrics[S.BEST_TEST_ACC]):
-            best[fold] = r
-    done = sorted(best.values(), key=lambda r: S.fold_sort_key(r.data.tags.get(S.FOLD, "")))
+        by_fold.setdefault(r.data.tags.get(S.FOLD, ""), []).append(r)
+    done = [best for fold in sorted(by_fold, key=S.fold_sort_key) if (best := best_finished(by_fold[fold]))]
     figures: dict[str, Any] = {"parent_run_id": parent_id, S.N_FOLDS_DONE: len(done)}
     for metric in S.AGGREGATED:  # a validation figure only when every finished fold has one
         values = [r.data.metrics[metric] for r in done if metric in r.data.metrics]
@@ -188,6 +185,12 @@ def update_parent_aggregates(client: MlflowClient, experiment_id: str, dataset: 
     if state and parent.info.status != state:
         client.set_terminated(parent_id, state)
     return figures
+
+
+def best_finished(trial_runs: Sequence):
+    """The finished run with the highest best test accuracy (a fold's, a search's samples), or None."""
+    finished = [r for r in trial_runs if r.data.tags.get(S.STATUS) == S.FINISHED and S.BEST_TEST_ACC in r.data.metrics]
+    return max(finished, key=lambda r: r.data.metrics[S.BEST_TEST_ACC], default=None)
 
 
 # --------------------------------------------------------------------------------------------
