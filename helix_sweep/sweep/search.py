@@ -24,6 +24,7 @@ DISTRIBUTIONS = {
     "choice": lambda d: tune.choice(list(d["values"])),
 }
 SEARCHABLE = ("train.",)
+SAMPLE_MARK = "/s"  # a sample's trial key: its base trial's key, this, a digest of its sampled values
 
 
 def search_space(search: SearchConfig) -> dict:
@@ -51,13 +52,13 @@ def sample_key(base_key: str, config: dict) -> str:
     if not values:
         return base_key
     digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{base_key}/s{digest}"
+    return f"{base_key}{SAMPLE_MARK}{digest}"
 
 
 def runs_of(base_key: str, keyed: dict) -> list:
     """The values of `keyed` (trial key -> run) that are the trial `base_key`'s: its own, or in a
     search its samples' (sample_key)."""
-    return [r for key, r in keyed.items() if key == base_key or key.startswith(f"{base_key}/s")]
+    return [r for key, r in keyed.items() if key == base_key or key.startswith(base_key + SAMPLE_MARK)]
 
 
 def apply_sample(trial: TrialSpec, config: dict) -> TrialSpec:
