@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -313,3 +314,15 @@ def test_a_search_parent_closes_once_its_samples_ended_with_the_best(mlflow_serv
     [row] = results_table(client, eid, [base])
     assert (row["trials"], row["finished"], row["status"]) == (1, 1, "finished/stopped")
     assert row["best_test_acc_mean"] == pytest.approx(70.0)
+
+
+def test_mlflow_telemetry_is_off_in_helix_sweep_processes():
+    # Outside CI MLflow's telemetry thread deletes an env var mid-run (KeyError in a concurrent
+    # log call, helix_sweep/__init__.py). The child drops the CI markers MLflow itself checks
+    # (pytest sets one), so this is what a user's sweep gets; a Ray worker imports helix_sweep the same way.
+    ci_markers = {"PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+    env = {k: v for k, v in os.environ.items() if k not in ci_markers}
+    probe = ("import helix_sweep.sweep.trial_run, mlflow.telemetry.utils as u, os; "
+             "print(u.is_telemetry_disabled(), os.environ['MLFLOW_DISABLE_TELEMETRY'])")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "true"], out.stderr[-2000:]
