@@ -15,16 +15,9 @@ def readme_commands() -> list[str]:
 
 
 def steps(command: str) -> list[list[str]]:
-    """A `a && b && c` line as its commands, each as argv (a leading VAR=value stays in it); CI's
-    quiet installs (-q) count as README's."""
+    """A `a && b && c` line as its commands, each as argv; CI's quiet installs (-q) count as README's."""
     argvs = [shlex.split(part) for part in command.split("&&")]
     return [[a for a in argv if not ("install" in argv and a == "-q")] for argv in argvs]
-
-
-def split_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """`VAR=value ... cmd args` as ({VAR: value}, [cmd, args])."""
-    n = next(i for i, a in enumerate(argv) if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", a))
-    return dict(a.split("=", 1) for a in argv[:n]), argv[n:]
 
 
 def ci_steps() -> list[list[str]]:
@@ -37,8 +30,8 @@ def ci_steps() -> list[list[str]]:
 
 def test_readme_gives_an_install_and_run_and_a_test_command():
     run, test = readme_commands()
-    assert split_env(steps(run)[-1])[1] == [".venv/bin/python", "-m", "helix_sweep.run"]
-    assert split_env(steps(test)[-1])[1] == [".venv/bin/python", "-m", "pytest", "-q"]
+    assert steps(run)[-1] == [".venv/bin/python", "-m", "helix_sweep.run"]
+    assert steps(test)[-1] == [".venv/bin/python", "-m", "pytest", "-q"]
     # the same install before each
     assert steps(run)[:-1] == steps(test)[:-1]
 
@@ -48,13 +41,9 @@ def test_ci_runs_readme_install_then_readme_test_command():
     assert ci_steps() == steps(test)
 
 
-def test_bytecode_gets_written():
-    # uv writes no .pyc at install unless asked, and with PYTHONDONTWRITEBYTECODE=1 (these machines)
-    # no process writes any later: every Ray worker would compile torch's sources on import (199 s
-    # against 108 s for the smoke sweep). Either the install compiles all, or the command's own
-    # processes may write what they import (the variable set empty).
+def test_install_writes_bytecode():
+    # uv writes no .pyc by default; with PYTHONDONTWRITEBYTECODE=1 (these machines) every Ray
+    # worker would compile torch's sources on import: 199 s against 108 s for the smoke sweep.
     for command in readme_commands():
         uv_install = [s for s in steps(command) if s[1:3] == ["pip", "install"] and "uv" in s[0]]
-        env, _ = split_env(steps(command)[-1])
-        assert uv_install and (all("--compile-bytecode" in s for s in uv_install)
-                               or env.get("PYTHONDONTWRITEBYTECODE") == ""), command
+        assert uv_install and all("--compile-bytecode" in s for s in uv_install), command
