@@ -108,6 +108,9 @@ class ResourceConfig:
     # CPUs a GPU node has per GPU (cluster.yaml: g6e.xlarge, 4 vCPUs per L40S): packing puts at most
     # cpus_per_gpu / cpus_per_worker trials on one GPU, as many as Ray can place beside it
     cpus_per_gpu: float = 4.0
+    # auto: a trial of one CPU worker on the driver's own local Ray (a grid) trains in Tune's trial
+    # actor, without a Ray Train run (helix_sweep.sweep.trainable.in_actor); train: always a Train run
+    trial_runner: str = "auto"
 
 
 @dataclass
@@ -227,6 +230,7 @@ CHOICES = {
     "model.scan_impl": ("auto", "cuda", "triton", "pure"),
     "train.precision": ("auto", "fp32", "fp16", "bf16"),
     "resources.use_gpu": ("auto", "true", "false"),
+    "resources.trial_runner": ("auto", "train"),
     "search.mode": ("max", "min"),
 }
 
@@ -359,7 +363,8 @@ def check_config(cfg: SweepConfig) -> None:
     """Value checks that types alone do not catch; each names the key and the valid values."""
     values = {"model.attention_impl": cfg.model.attention_impl, "model.pos_encoding": cfg.model.pos_encoding,
               "model.scan_impl": cfg.model.scan_impl, "train.precision": cfg.train.precision,
-              "resources.use_gpu": str(cfg.resources.use_gpu).lower(), "search.mode": cfg.search.mode}
+              "resources.use_gpu": str(cfg.resources.use_gpu).lower(),
+              "resources.trial_runner": cfg.resources.trial_runner, "search.mode": cfg.search.mode}
     for key, value in values.items():
         if value not in CHOICES[key]:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(CHOICES[key])}")

@@ -86,13 +86,14 @@ def test_worker_prunes_only_checkpoints_from_before_it_started(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from helix_sweep.sweep.worker import RAY_SNAPSHOT, RayMlflowReporter
+    from helix_sweep.sweep.worker import RAY_SNAPSHOT, RayMlflowReporter, TrainSession
 
     for name in ("epoch0001-step00000010", "epoch0002-step00000020", "epoch0003-step00000030",
                  "epoch0004-step00000040", "epoch0005-step00000050"):
         (tmp_path / name).mkdir()
     reporter = object.__new__(RayMlflowReporter)  # the pruning alone: no Ray context needed
     reporter.run_dir, reporter.spec = str(tmp_path), SimpleNamespace(key="k", train=SimpleNamespace(keep_checkpoints=2))
+    reporter.session = TrainSession()
     reporter.found_at_start = {"epoch0001-step00000010", "epoch0002-step00000020"}  # epoch 2 still in Ray's record
     (tmp_path / RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
         {"checkpoint_dir_name": n} for n in ("epoch0002-step00000020", "epoch0004-step00000040",
@@ -102,3 +103,37 @@ def test_worker_prunes_only_checkpoints_from_before_it_started(tmp_path):
     # about to delete it), left to Ray; epoch 2: listed
     assert sorted(p.name for p in tmp_path.glob("epoch*")) == [
         "epoch0002-step00000020", "epoch0003-step00000030", "epoch0004-step00000040", "epoch0005-step00000050"]
+
+
+def test_actor_session_writes_the_checkpoint_whole_before_reporting_and_prunes_all_but_the_newest(tmp_path):
+    # a trial trained in Tune's actor (trainable.in_actor) has no Ray Train to copy and record its
+    # checkpoints: the session puts each in the run directory itself, and Tune hears of it only then
+    from types import SimpleNamespace
+
+    from helix_sweep.sweep.worker import RAY_SNAPSHOT, ActorSession, RayMlflowReporter
+
+    seen = []
+
+    class Recording(ActorSession):
+        def report(self, metrics):  # what Tune would get, and what the run directory held by then
+            seen.append((metrics["step"], sorted(p.name for p in tmp_path.iterdir())))
+
+    session = Recording()
+    state = lambda step: {"progress": {"global_step": step}, "w": torch.full((3,), float(step))}
+    for step in (10, 20, 30):
+        session.persist(state(step), {"step": step}, checkpoint_name(1, step, False), str(tmp_path))
+    assert [s for s, _ in seen] == [10, 20, 30]
+    assert all(checkpoint_name(1, s, False) in names and not any(n.endswith(".tmp") for n in names)
+               for s, names in seen)
+    # the same step again (a start that died between its write and its report): replaced, not doubled
+    (tmp_path / f".{checkpoint_name(1, 30, False)}.tmp").mkdir()  # and a temp folder a kill left
+    session.persist(state(31), {"step": 30}, checkpoint_name(1, 30, False), str(tmp_path))
+    assert load_state(tmp_path / checkpoint_name(1, 30, False))["w"][0] == 31
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    reporter = object.__new__(RayMlflowReporter)
+    reporter.run_dir, reporter.spec = str(tmp_path), SimpleNamespace(key="k", train=SimpleNamespace(keep_checkpoints=2))
+    reporter.session, reporter.found_at_start = session, set()
+    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoint_results": [{"checkpoint_dir_name": "epoch0001-step00000010"}]}')
+    reporter.prune()  # no Ray record counts here: only the newest two stay
+    assert [p.name for p in checkpoints_on_disk(tmp_path)] == [checkpoint_name(1, 30, False), checkpoint_name(1, 20, False)]

@@ -137,3 +137,26 @@ def test_a_single_cpu_worker_trials_controller_needs_no_torch(tmp_path):
     assert not controller_imports_torch(trainer_class(lean=True, torch_backend=False),
                                         torch_config=TorchConfig(backend="gloo"))
     assert controller_imports_torch(trainer_class(lean=True), torch_config=TorchConfig(backend="gloo"))
+
+
+def test_only_a_one_cpu_worker_trial_of_a_local_grid_trains_in_tunes_actor(tmp_path):
+    # trainable.in_actor: the smoke grid's trials skip a Ray Train run; GPU, DDP, cluster and search
+    # trials, and resources.trial_runner=train, keep it (and with it Ray Train's worker restarts)
+    from dataclasses import replace
+
+    from helix_sweep.config import ConfigError
+    from helix_sweep.run import plan_trials
+    from helix_sweep.sweep.trainable import in_actor, trial_resources
+
+    _, [spec] = plan_trials(["variants=[mamba-raw]", f"workdir={tmp_path}"])
+    lean, full = {"lean_train": True}, {"lean_train": False}  # the driver's own Ray for a grid, or not
+    assert in_actor(spec, lean, use_gpu=False)
+    assert trial_resources(spec, lean, use_gpu=False) == {"cpu": 1}
+    assert not in_actor(spec, full, use_gpu=False) and not in_actor(spec, lean, use_gpu=True)
+    assert trial_resources(spec, full, use_gpu=False) == {"cpu": 0, "memory": 1}  # its Train workers hold the CPUs
+    ddp = replace(spec, resources=replace(spec.resources, num_workers=2))
+    assert not in_actor(ddp, lean, use_gpu=False)
+    _, [train] = plan_trials(["variants=[mamba-raw]", f"workdir={tmp_path}", "resources.trial_runner=train"])
+    assert not in_actor(train, lean, use_gpu=False)
+    with pytest.raises(ConfigError, match="resources.trial_runner='actor': expected one of auto, train"):
+        plan_trials(["variants=[mamba-raw]", f"workdir={tmp_path}", "resources.trial_runner=actor"])

@@ -25,7 +25,7 @@ from helix_sweep.sweep.outage import is_outage
 from helix_sweep.sweep.grid import datasets_read
 from helix_sweep.sweep.schedule import order_longest_first
 from helix_sweep.sweep.search import apply_sample, runs_of, sample_key, search_space, searcher_and_scheduler
-from helix_sweep.sweep.trainable import end_run, train_trial, trial_dir_name, uses_gpu
+from helix_sweep.sweep.trainable import end_run, train_trial, trial_dir_name, trial_resources, uses_gpu
 from helix_sweep.training import format_fraction
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,11 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: 
         tune_config.pop("max_concurrent_trials")  # the ConcurrencyLimiter caps a search
     else:
         param_space["trial_key"] = tune.grid_search([t.key for t in runnable])
-    # the Tune trial only waits on its TorchTrainer; the Train workers hold the real resources
-    specs = tune.with_parameters(train_trial, specs={t.key: t for t in runnable}, where=where)
-    trainable = tune.with_resources(specs, {"cpu": 0, "memory": 1})  # a non-empty bundle that holds no CPU
+    by_key = {t.key: t for t in runnable}
+    specs = tune.with_parameters(train_trial, specs=by_key, where=where)
+    # a Tune trial that waits on its Train run holds no CPU; one that trains in its actor, the worker's
+    trainable = tune.with_resources(specs, lambda config: trial_resources(
+        by_key[config["trial_key"]], where, by_key[config["trial_key"]].resources.use_gpu == "true"))
     run_config = tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     if tune.Tuner.can_restore(str(exp_dir)):

@@ -1,15 +1,17 @@
 """The Tune trial: `train_trial`, which runs in Tune's trial actor and fits one Ray Train trainer for
 the trial (the supported Train-inside-Tune pattern of Train V2), and `train_loop`, the function its
-Train workers run.
+Train workers run; or, for a trial of one CPU worker on the driver's own local Ray (`in_actor`),
+trains it in the actor itself.
 
 Its RunConfig has a name from the trial key and a fixed storage path, so a relaunched trial
 (restored driver, retried error) resumes that Train run from its latest checkpoint.
 
-Imports are kept to what the trial actor uses (Ray Tune and Train, the config types): the actor only
-builds and waits on the trainer, and on a 2-core machine torch and MLflow cost it ~3 s of CPU at
-each start, ahead of its trial's first step. torch comes in only for a GPU trial (its process group
-backend), MLflow and the training package only on the error path; the Train workers import the
-training code themselves (train_loop).
+Imports are kept to what a trial actor that fits a Train run uses (Ray Tune and Train, the config
+types): it only builds and waits on the trainer, and on a 2-core machine torch and MLflow cost it
+~3 s of CPU at each start, ahead of its trial's first step. torch comes in only for a GPU trial (its
+process group backend), MLflow and the training package only on the error path; the Train workers
+import the training code themselves (train_loop). A trial trained in the actor imports them there
+(train_here), once per actor: Tune reuses it for the next trial.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
         spec = on_whole_gpu(spec)  # it ran out of memory packed before a driver restart: stays whole
     trainer = lambda spec: make_trainer(spec, where, use_gpu)  # built inside the try: Ray checks the storage
     try:
+        if in_actor(spec, where, use_gpu):
+            train_here(spec, where)
+            return
         result = trainer(spec).fit()
         if use_gpu and spec.budget.gpu_fraction < 1 and getattr(result, "return_value", None) == S.OOM:
             # Out of memory on a share of a GPU (a sharer may have grown, or the plan was tight): once
@@ -83,6 +88,39 @@ def train_trial(config: dict, specs: dict[str, TrialSpec], where: dict) -> None:
         raise
 
 
+def in_actor(spec: TrialSpec, where: dict, use_gpu: bool) -> bool:
+    """resources.trial_runner: "auto" trains a trial of one CPU worker on the driver's own local Ray
+    for a grid (where["lean_train"]) in Tune's trial actor itself; everything else, and "train",
+    in a Ray Train run. A Train run starts a controller and a worker process per trial, each
+    importing Ray Train (the worker torch and this package as well): ~15-20 s of a smoke trial on
+    2 cores (benchmarks/RESULTS.md), for no gain with one process on CPU: no process group, no GPU
+    to place, and a reused Tune actor has its imports done. Fault tolerance is the same: a killed
+    actor is a failed trial, which Tune relaunches (tune.FailureConfig, the same max_failures) and
+    which resumes from the run directory's newest checkpoint."""
+    r = spec.resources
+    return (r.trial_runner == "auto" and bool(where.get("lean_train")) and r.num_workers == 1
+            and not use_gpu)
+
+
+def train_here(spec: TrialSpec, where: dict) -> None:
+    """The trial in this (Tune's) actor: the Train worker's code with an ActorSession."""
+    from helix_sweep.sweep.worker import ActorSession, train_worker
+
+    train_worker(train_loop_config(spec, where), session=ActorSession())
+
+
+def trial_resources(spec: TrialSpec, where: dict, use_gpu: bool) -> dict:
+    """What the Tune trial itself asks Ray for: the worker's CPUs when it trains in its own actor;
+    else a non-empty bundle that holds no CPU (it only waits on its Train run, whose workers hold the
+    real resources)."""
+    return {"cpu": spec.resources.cpus_per_worker} if in_actor(spec, where, use_gpu) else {"cpu": 0, "memory": 1}
+
+
+def train_loop_config(spec: TrialSpec, where: dict) -> dict:
+    return {"trial": spec, "tracking": {**where["tracking"], "run_dir": train_run_dir(spec, where)},
+            "threads": max(1, int(spec.resources.cpus_per_worker))}
+
+
 def make_trainer(spec: TrialSpec, where: dict, use_gpu: bool):
     """The trial's Train trainer: its workers, their resources, and a RunConfig whose name and storage
     path resume the trial's Train run."""
@@ -94,9 +132,7 @@ def make_trainer(spec: TrialSpec, where: dict, use_gpu: bool):
     trainer_cls = ray_runtime.trainer_class(lean=where.get("lean_train", False), torch_backend=torch_backend)
     return trainer_cls(
         train_loop,
-        train_loop_config={"trial": spec,
-                           "tracking": {**where["tracking"], "run_dir": train_run_dir(spec, where)},
-                           "threads": max(1, int(r.cpus_per_worker))},
+        train_loop_config=train_loop_config(spec, where),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(spec, use_gpu)),
         **({"torch_config": torch_config()} if torch_backend else {}),

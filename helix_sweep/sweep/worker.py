@@ -16,6 +16,11 @@ the best epoch's state in best/ and prunes what Ray's record no longer lists amo
 that were there when the worker started (from before a restart: Ray never deletes those). An
 unwritable or full storage stops the trial with CheckpointStorageError,
 naming the directory and the intact checkpoint a rerun resumes from.
+
+Where the trial runs: in a Ray Train worker (TrainSession), or, for a trial of one CPU worker on the
+driver's own local Ray, in Tune's trial actor itself (ActorSession, trainable.in_actor), which
+saves the controller and worker processes a Train run starts per trial. The reporter is the same;
+only how a result and a checkpoint reach Ray differs.
 """
 
 from __future__ import annotations
@@ -44,11 +49,85 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a 
 FINISH_WAIT_S = 30.0  # how long a trial's end waits for an unreachable tracking server (tracking_wait_s)
 
 
+class TrainSession:
+    """A Ray Train worker's way to Ray: Ray Train copies each checkpoint into the run's storage and
+    keeps its record of them (RAY_SNAPSHOT), pruning those it registered itself."""
+
+    def place(self) -> tuple[int, int]:
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(self, metrics: dict) -> None:
+        ray.train.report(metrics, checkpoint=None)
+
+    def latest(self) -> Optional[dict]:
+        """Ray Train's latest checkpoint of the run, loaded (None before the first)."""
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        with latest.as_directory() as d:
+            return training.load_state(Path(d))
+
+    def persist(self, state: dict, metrics: dict, name: str, run_dir: str) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="helix-ckpt-"))
+        try:
+            save_state(state, tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def protected(self, run_dir: str, found_at_start: set[str]) -> Optional[set[str]]:
+        """Checkpoints not to prune: those Ray's record lists (it prunes them itself, and it refuses to
+        restore a run missing one) and those reported since this worker started (Ray's record drops
+        one before deleting it, and a folder gone by then fails its controller: seen as "Path not
+        found" on a 2-core machine). None while there is no record yet, or in a format we do not
+        know: prune nothing then."""
+        try:
+            snapshot = json.loads((Path(run_dir) / RAY_SNAPSHOT).read_text())
+            listed = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.debug("not pruning %s: %s", run_dir, exc)
+            return None
+        return listed | (training.checkpoint_dirs(run_dir) - found_at_start)
+
+
+class ActorSession:
+    """A trial trained in Tune's trial actor (one CPU worker, no Train run): the checkpoint goes
+    straight into the run directory, under the name a Train worker's would have (save_state's temp
+    file, then the folder renamed into place: never half there), then the result to Tune. A
+    relaunched trial finds it by the run-directory scan every start does (RayMlflowReporter.load)."""
+
+    def place(self) -> tuple[int, int]:
+        return 0, 1
+
+    def report(self, metrics: dict) -> None:
+        from ray import tune
+
+        tune.report(metrics)
+
+    def latest(self) -> Optional[dict]:
+        return None  # nothing beyond the run directory, which load() scans
+
+    def persist(self, state: dict, metrics: dict, name: str, run_dir: str) -> None:
+        final, tmp = Path(run_dir) / name, Path(run_dir) / f".{name}.tmp"  # the dot: not a checkpoint to scans
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_state(state, tmp)
+        if final.exists():  # the same step written by a start that died before reporting it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self.report(metrics)
+
+    def protected(self, run_dir: str, found_at_start: set[str]) -> Optional[set[str]]:
+        return set()  # every checkpoint here is ours to prune
+
+
 class RayMlflowReporter:
-    def __init__(self, spec: TrialSpec, tracking: dict, rank: Optional[int] = None, world_size: int = 1):
-        if rank is None:  # in a Train worker: its place in the worker group
-            ctx = ray.train.get_context()
-            rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    def __init__(self, spec: TrialSpec, tracking: dict, rank: Optional[int] = None, world_size: int = 1,
+                 session: TrainSession | ActorSession | None = None):
+        self.session = session or TrainSession()
+        if rank is None:  # its place in the Train worker group (0 of 1 in Tune's actor)
+            rank, world_size = self.session.place()
         self.rank, self.world_size = rank, world_size
         self.spec, self.tracking = spec, tracking
         self.run_dir = tracking.get("run_dir", "")
@@ -70,9 +149,8 @@ class RayMlflowReporter:
         self.found_at_start = training.checkpoint_dirs(self.run_dir)
         found = training.load_newest(training.checkpoints_on_disk(self.run_dir), warn=log.warning)
         state = found[1] if found else None
-        if state is None and (latest := ray.train.get_checkpoint()) is not None:
-            with latest.as_directory() as d:
-                state = training.load_state(Path(d))
+        if state is None:
+            state = self.session.latest()
         elif found:
             log.info("%s: newest checkpoint %s", self.spec.key, found[0])
         self.resumed = state is not None
@@ -127,7 +205,7 @@ class RayMlflowReporter:
         first = {k: v for k, v in result.items() if k != "epoch"} if final else result
         best = epoch is not None and epoch.is_best
         if self.rank != 0:
-            ray.train.report(first, checkpoint=None)
+            self.session.report(first)
         else:
             if self.run is not None and self.run.run_id:  # the run found or created since the last checkpoint
                 progress.run_id = state["progress"]["run_id"] = self.run.run_id
@@ -140,34 +218,22 @@ class RayMlflowReporter:
             if final:
                 self.close(progress)
         if final:
-            ray.train.report(result, checkpoint=None)
+            self.session.report(result)
 
     def persist(self, state: dict, result: dict, name: str, best: bool) -> None:
-        """Rank 0: save, report through Ray Train (which copies it into the run's storage), keep a
+        """Rank 0: save and report the checkpoint (the session puts it in the run's storage), keep a
         copy of a new best epoch's state, prune. Raises OSError when a write fails."""
-        tmp = Path(tempfile.mkdtemp(prefix="helix-ckpt-"))
-        try:
-            save_state(state, tmp)
-            ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=name)
-            if best:
-                save_state(state, Path(self.run_dir) / training.BEST_DIR)
-            self.prune()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.session.persist(state, result, name, self.run_dir)
+        if best:
+            save_state(state, Path(self.run_dir) / training.BEST_DIR)
+        self.prune()
 
     def prune(self) -> None:
-        """Delete checkpoints from before this worker started, beyond the newest keep_checkpoints, that
-        Ray's record does not list (those it lists it prunes itself, and it refuses to restore a run
-        missing one). Those reported since, Ray prunes itself: its record drops one before deleting it,
-        and a folder gone by then fails its controller (seen as "Path not found" on a 2-core machine)."""
-        try:
-            snapshot = json.loads((Path(self.run_dir) / RAY_SNAPSHOT).read_text())
-            protected = {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:  # no record yet, or a new format: keep all
-            log.debug("not pruning %s: %s", self.run_dir, exc)
+        """Delete checkpoints beyond the newest keep_checkpoints, except those the session protects
+        (in a Train worker, those Ray's record still needs)."""
+        protected = self.session.protected(self.run_dir, self.found_at_start)
+        if protected is None:
             return
-        protected |= training.checkpoint_dirs(self.run_dir) - self.found_at_start
         for d in training.prune(self.run_dir, self.spec.train.keep_checkpoints, protected):
             log.info("%s: pruned checkpoint %s", self.spec.key, d.name)
 
@@ -193,7 +259,7 @@ class RayMlflowReporter:
         if self.retried_on_whole_gpu(progress, trial):
             return
         if not self.reported:  # relaunched after its end: Tune's scheduler and searcher still need a result
-            ray.train.report(self.tune_metrics(progress, None), checkpoint=None)
+            self.session.report(self.tune_metrics(progress, None))
         if trial.stop_reason:
             self.stop_reason = trial.stop_reason
         self.close(progress)
@@ -264,14 +330,14 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def train_worker(config: dict) -> str:
-    """Ray Train's train_loop_per_worker; returns the trial's status (rank 0's reaches the driver
-    as the Train result's return_value)."""
+def train_worker(config: dict, session: TrainSession | ActorSession | None = None) -> str:
+    """Ray Train's train_loop_per_worker (or, with an ActorSession, the trial in Tune's actor);
+    returns the trial's status (rank 0's reaches the driver as the Train result's return_value)."""
     logging.basicConfig(level=logging.INFO)
     spec: TrialSpec = config["trial"]
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     keep_freed_memory()
-    reporter = RayMlflowReporter(spec, config["tracking"])
+    reporter = RayMlflowReporter(spec, config["tracking"], session=session)
     started = time.monotonic()
     progress = run_training(spec, reporter)
     log.info("%s: %s after %.0f s (best test acc %.4f)", spec.key, progress.status,
