@@ -219,24 +219,29 @@ def filled(directory: Path):
 
 
 # Both faults mean the same thing to a 40-hour run (no next checkpoint can be written) and take the same
-# path; both run outside CI (-m slow: ~160 s each at load), where tmpfs mounts are allowed.
-@pytest.mark.parametrize("fault", [pytest.param("read-only", marks=pytest.mark.slow),
-                                   pytest.param("full-disk", marks=pytest.mark.slow)])
-def test_unwritable_checkpoint_storage_fails_clearly_and_resumes_intact(workdir, fault):
+# path; both run outside CI (-m slow: ~160 s each at load), where tmpfs mounts are allowed. Each on
+# both runners: the trial in Tune's actor writes its checkpoints itself, a Train run's Ray copies them.
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["auto", "train"])
+@pytest.mark.parametrize("fault", ["read-only", "full-disk"])
+def test_unwritable_checkpoint_storage_fails_clearly_and_resumes_intact(workdir, fault, runner):
     key = "synth-commands/helix-mel/split"
-    args = [*BASE, "variants=[helix-mel]", "max_failures=1", "train.inject={sleep_per_step: 0.4}"]
+    args = [*BASE, "variants=[helix-mel]", "max_failures=1", "train.inject={sleep_per_step: 0.4}",
+            f"resources.trial_runner={runner}"]
     with contextlib.ExitStack() as stack:
         if fault == "full-disk":  # the trials' storage is a small file system of its own from the start
             [exp] = {t.experiment for t in plan_trials(args)[1]}
             stack.enter_context(tmpfs(workdir / "experiments" / exp / "trials", size_mb=48))
-        _unwritable_storage_run(workdir, key, args, fault)
+        _unwritable_storage_run(workdir, key, args, fault, runner)
 
 
-def _unwritable_storage_run(workdir, key, args, fault):
+def _unwritable_storage_run(workdir, key, args, fault, runner):
     driver = start(workdir, *args)
 
-    def registered():  # epoch 1's checkpoint is in Ray's record: the next write is the worker's
-        return [p.parent for p in workdir.glob("experiments/*/trials/*/checkpoint_manager_snapshot.json")
+    def registered():  # epoch 1's checkpoint is done: the next write is the worker's (or the actor's)
+        if runner == "auto":  # renamed into place by the actor (no Ray Train record)
+            return [p.parent.parent for p in workdir.glob("experiments/*/trials/*/epoch0001-*/state.pt")]
+        return [p.parent for p in workdir.glob(f"experiments/*/trials/*/{RAY_SNAPSHOT}")  # in Ray's record
                 if "epoch0001" in p.read_text()]
     try:
         [run_dir] = wait_for(registered, 300, "the first epoch's checkpoint", poll=0.3)
