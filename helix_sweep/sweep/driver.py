@@ -2,8 +2,9 @@
 that need no process come first, in helix_sweep.run).
 
 Each Tune trial is a thin function that builds and fits a Ray Train trainer, or, for a trial of one
-CPU worker on this driver's own local Ray, trains in its own actor (helix_sweep.sweep.trainable). The Tune experiment lives in <workdir>/experiments/<experiment>;
-re-running the same command, or `resume=<name or path>`, restores it: finished trials are not rerun.
+CPU worker on this driver's own local Ray, trains in its own actor (helix_sweep.sweep.trainable).
+The Tune experiment lives in <workdir>/experiments/<experiment>; re-running the same command, or
+`resume=<name or path>`, restores it: finished trials are not rerun.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class ActorSession:
         return None  # nothing beyond the run directory, which load() scans
 
     def persist(self, state: dict, metrics: dict, name: str, run_dir: str) -> None:
-        final, tmp = Path(run_dir) / name, Path(run_dir) / f".{name}.tmp"  # the dot: not a checkpoint to scans
+        final, tmp = Path(run_dir) / name, Path(run_dir) / f".{name}.tmp"  # the dot: checkpoint scans skip it
         shutil.rmtree(tmp, ignore_errors=True)
         save_state(state, tmp)
         if final.exists():  # the same step written by a start that died before reporting it
