@@ -51,9 +51,14 @@ def skip_pattern(root: str | Path, skip: tuple[str, ...] = SKIP,
                  anywhere: tuple[str, ...] = SKIP_ANYWHERE) -> re.Pattern:
     """The paths under `root` not to compile: a subtree in `skip` (relative to root), or a directory
     named in `anywhere` at any depth below root (root's own path may hold any name)."""
-    names = "|".join(re.escape(name) for name in anywhere)
-    subtrees = "|".join(re.escape(path) for path in skip)
-    return re.compile(rf"^{re.escape(str(root))}/(?:(?:{subtrees})/|(?:.*/)?(?:{names})/)")
+    parts = []
+    if skip:
+        parts.append(rf"(?:{'|'.join(re.escape(path) for path in skip)})/")
+    if anywhere:
+        parts.append(rf"(?:.*/)?(?:{'|'.join(re.escape(name) for name in anywhere)})/")
+    if not parts:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile(rf"^{re.escape(str(root))}/(?:{'|'.join(parts)})")
 
 
 def sources(root: str | Path, pattern: re.Pattern) -> list[str]:
@@ -67,11 +72,12 @@ def sources(root: str | Path, pattern: re.Pattern) -> list[str]:
     return found
 
 
-def compile_tree(root: str | Path, skip: tuple[str, ...] = SKIP, workers: int | None = None) -> tuple[int, int]:
+def compile_tree(root: str | Path, skip: tuple[str, ...] = SKIP, workers: int | None = None,
+                 anywhere: tuple[str, ...] = SKIP_ANYWHERE) -> tuple[int, int]:
     """Compile every source under `root` but the skipped ones, `workers` processes (all cores by
     default) at a time; a file whose .pyc is up to date is left as it is. Returns (files, failed):
     a file that does not compile (a template, an old syntax) cannot be imported either."""
-    files = sources(root, skip_pattern(root, skip))
+    files = sources(root, skip_pattern(root, skip, anywhere))
     compile_one = functools.partial(compileall.compile_file, quiet=2)
     workers = workers or os.cpu_count() or 1
     if workers == 1:

@@ -94,3 +94,9 @@ print(json.dumps(sorted({{getattr(m, "__file__", None) or "" for m in list(sys.m
 def test_the_command_takes_no_arguments(capsys):
     assert bytecode.main(["--all"]) == 2
     assert "takes no arguments" in capsys.readouterr().err
+
+
+def test_nothing_to_skip_matches_nothing(tmp_path):
+    pattern = bytecode.skip_pattern(tmp_path, skip=(), anywhere=())
+    assert not pattern.search(f"{tmp_path}/a/tests/b.py")
+    assert bytecode.compile_tree(tmp_path, skip=(), workers=1, anywhere=()) == (0, 0)
