@@ -28,4 +28,11 @@ for cpu in $(seq 0 $(($(nproc) - 1))); do
 done
 cleanup() { kill "${loops[@]}" 2>/dev/null || true; [[ -n "$old_autogroup" ]] && echo "$old_autogroup" > $AUTOGROUP; }
 trap cleanup EXIT
+# Start the command only once every loop has run 10 ms: a loop still starting (bash's exec can
+# stall behind a large install's disk writeback) leaves its core to the command meanwhile.
+for pid in "${loops[@]}"; do
+  until [[ -r /proc/$pid/schedstat ]] && (( $(cut -d' ' -f1 /proc/$pid/schedstat) > 10000000 )); do
+    sleep 0.01
+  done
+done
 RAY_worker_niceness=0 "$@"
