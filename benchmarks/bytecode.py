@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the tree to copy and compile (default: this environment's site-packages)")
     args = parser.parse_args(argv)
     site = args.site
+    # a kill still removes the scratch tree (it lies inside the environment, for the hard links)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bytecode-bench-", dir=site.parent) as scratch:
         tree = Path(scratch) / "site-packages"
         link_sources(site, tree)

@@ -5,7 +5,7 @@ compiled from source by every process that imports it (the driver, each Ray work
 server), so the install must write the bytecode (the smoke sweep took 199 s without, 108 s with).
 uv's `--compile-bytecode` compiles all ~19,000 files of the environment (291 MB); a smoke sweep
 reads 5,941 of them (111 MB). This compiles the environment less the test suites packages ship and
-the subtrees no helix_sweep process imports (167 MB), in parallel, with the standard library's
+the subtrees no helix_sweep process imports (172 MB), in parallel, with the standard library's
 compileall; anything skipped still imports, compiled in memory. Figures: benchmarks/RESULTS.md,
 session 14.
 
