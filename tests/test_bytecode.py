@@ -52,7 +52,7 @@ def test_a_skipped_name_matches_whole_path_parts_only(tmp_path):
 def test_nothing_a_sweep_process_imports_is_skipped(tmp_path):
     # Every module helix_sweep has and the entry modules of the processes a sweep starts (Ray Tune
     # and Train, a search's Optuna, Ray's agents, the MLflow server), then the work that imports
-    # lazily (a training step: torch.optim pulls in torch._dynamo and ~900 modules; the tracking
+    # lazily (a first training step loads ~880 more modules, torch._dynamo among them; the tracking
     # store's migrations; the data generators' scipy.signal; the report's PNG): none of it may come
     # from a skipped path, or every such process would compile it from source.
     entry = ["ray.tune", "ray.train.torch", "ray.tune.search.optuna", "optuna", "ray.dashboard.agent",
