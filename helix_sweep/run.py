@@ -80,22 +80,29 @@ def main(argv: list[str] | None = None) -> int:
               f"search: {cfg.search.num_samples} samples minimising {cfg.search.metric}")
     if cfg.dry_run:
         return 0
+    from helix_sweep.sweep.tracking import TrackingUnavailable
+
     try:
         return run(cfg, trials)
     except ConfigError as exc:
         print(f"helix_sweep: {exc}", file=sys.stderr)
         return 2
+    except TrackingUnavailable as exc:  # the given URI, or the work directory's own server failed to start
+        print(f"helix_sweep: {exc}", file=sys.stderr)
+        return 3
 
 
 def run(cfg, trials) -> int:
-    """The checks that need no process (the real datasets, the experiment's folder, its lock, its
-    settings: a refused run writes nothing), then the sweep, holding the experiment's lock. MLflow's
-    server (~10 s to start on 2 cores) starts first, while the driver imports Ray, makes the synthetic
-    data and starts Ray."""
+    """The checks that need no process (the real datasets, a given tracking URI, the experiment's
+    folder, its lock, its settings: a refused run writes nothing), then the sweep, holding the
+    experiment's lock. MLflow's server (~10 s to start on 2 cores) starts first, while the driver
+    imports Ray, makes the synthetic data and starts Ray."""
     from helix_sweep.sweep import experiment
-    from helix_sweep.sweep.tracking import start_tracking_server
+    from helix_sweep.sweep.tracking import check_tracking_reachable, start_tracking_server
 
     check_data(trials)
+    if cfg.tracking_uri:  # a server of the user's: refused at once, not after Ray has started (~10 s)
+        check_tracking_reachable(cfg.tracking_uri)
     exp_dir = experiment.experiment_dir(cfg.workdir_path, trials[0].experiment, cfg.resume)
     with experiment.ExperimentLock(exp_dir):
         experiment.check_same_config(exp_dir, experiment.settings_record(to_yaml(cfg), [t.key for t in trials]))

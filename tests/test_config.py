@@ -1,5 +1,6 @@
 """Config composition, overrides, errors before Ray/MLflow start, and dry-run trial counts."""
 
+import json
 import subprocess
 import sys
 
@@ -17,7 +18,30 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args,needle,valid", [
+# main() on each argv in turn, in one fresh interpreter (each case in a process of its own cost ~2.5 s
+# of imports): its return code, what it printed, and whether Ray or MLflow was imported by then
+_MAIN_EACH = """
+import contextlib, io, json, sys
+from helix_sweep.run import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                    "heavy": [m for m in ("ray", "mlflow") if m in sys.modules]})
+print(json.dumps(results))
+"""
+
+
+def run_main_each(cases: list[list[str]]) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", _MAIN_EACH, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+CONFIG_ERRORS = [
     (["grid=nope"], "unknown grid 'nope'", "smoke"),
     (["train.epoch=3"], "train.epoch", "train.epochs"),
     (["train.epochs=abc"], "train.epochs", "Integer"),
@@ -27,18 +51,28 @@ def run_cli(*args):
     (["grid=full", "folds=[11]"], "folds: [11]", "valid folds"),
     (["train.micro_batch=5"], "train.micro_batch=5", "divide"),
     (["nonsense"], "nonsense", "key=value"),
-])
-def test_config_errors_exit_nonzero_before_ray(args, needle, valid):
-    proc = run_cli(*args)
-    assert proc.returncode == 2, proc.stderr
-    assert needle in proc.stderr and valid in proc.stderr, proc.stderr
+]
+DRY_RUN = ["dry_run=true", "datasets=[synth-commands]", "variants=[helix-raw,attention-mel]"]
 
 
-def test_dry_run_prints_trial_table_and_exits():
-    proc = run_cli("dry_run=true", "datasets=[synth-commands]", "variants=[helix-raw,attention-mel]")
-    assert proc.returncode == 0, proc.stderr
-    assert "synth-commands/helix-raw/split" in proc.stdout and "synth-commands/attention-mel/split" in proc.stdout
-    assert "2 trials" in proc.stdout
+@pytest.fixture(scope="module")
+def cli_results() -> dict[tuple[str, ...], dict]:
+    cases = [args for args, _, _ in CONFIG_ERRORS] + [DRY_RUN]
+    return {tuple(args): result for args, result in zip(cases, run_main_each(cases))}
+
+
+@pytest.mark.parametrize("args,needle,valid", CONFIG_ERRORS)
+def test_config_errors_exit_nonzero_before_ray(cli_results, args, needle, valid):
+    result = cli_results[tuple(args)]
+    assert result["rc"] == 2 and not result["heavy"], result
+    assert needle in result["stderr"] and valid in result["stderr"], result["stderr"]
+
+
+def test_dry_run_prints_trial_table_and_exits(cli_results):
+    result = cli_results[tuple(DRY_RUN)]
+    assert result["rc"] == 0 and not result["heavy"], result
+    for key in ("synth-commands/helix-raw/split", "synth-commands/attention-mel/split", "2 trials"):
+        assert key in result["stdout"], result["stdout"]
 
 
 def _grid_file(name):
@@ -153,11 +187,12 @@ def test_missing_dataset_fails_before_any_trial_naming_the_prepare_command(tmp_p
 
 
 def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path):
-    proc = run_cli_full(f"workdir={tmp_path}", "datasets=[synth-commands]", "variants=[helix-mel]",
-                        "tracking_uri=http://127.0.0.1:9")
-    assert proc.returncode == 3
-    assert "http://127.0.0.1:9" in proc.stdout + proc.stderr and "unavailable" in proc.stdout + proc.stderr
-    assert not list(tmp_path.glob("experiments/*/trials"))  # no trial was started
+    # refused before Ray or MLflow is imported (so before Ray starts), writing nothing
+    [result] = run_main_each([[f"workdir={tmp_path}", "datasets=[synth-commands]", "variants=[helix-mel]",
+                               "tracking_uri=http://127.0.0.1:9"]])
+    assert result["rc"] == 3 and not result["heavy"], result
+    assert "MLflow tracking at 'http://127.0.0.1:9' is unavailable: connection refused" in result["stderr"], result
+    assert not list(tmp_path.iterdir())
 
 
 def run_cli_full(*args):
