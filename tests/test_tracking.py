@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -61,8 +63,18 @@ def test_cli_status_prints_ui_url(mlflow_server):
     assert mlflow_server.uri in out.stdout and "healthy" in out.stdout
 
 
-def test_stale_record_replaced_concurrently_then_stopped(tmp_path):
-    """A server.json of a dead process is replaced; two drivers starting at once share one server."""
+def _store_counts(db: Path) -> tuple[int, int]:
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return c.execute("SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM experiments)").fetchone()
+
+
+def test_stale_record_replaced_concurrently_then_stopped(mlflow_server, tmp_path):
+    """A server.json of a dead process is replaced; two drivers starting at once share one server. Its new
+    store is a copy of the empty one the session's first server kept (mlflow_server's store holds runs by
+    now, the copy none): no schema migrations, nothing of another store's."""
+    template = tracking.store_template()
+    assert template.parent == Path(os.environ["XDG_CACHE_HOME"]) / "helix_sweep" and template.is_file()
+    assert _store_counts(template) == (0, 1)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "mlflow").mkdir()
@@ -90,6 +102,11 @@ def test_stale_record_replaced_concurrently_then_stopped(tmp_path):
         info = _server_json(tmp_path)
         assert info["pid"] != dead.pid and _alive(info["pid"])
         check_tracking_reachable(uris[0])
+        assert "Creating initial MLflow database tables" not in (tmp_path / "mlflow" / "server.log").read_text()
+        client = MlflowClient(uris[0])
+        assert [e.name for e in client.search_experiments()] == ["Default"]
+        client.create_run(client.create_experiment("x"))
+        assert _store_counts(template) == (0, 1)  # a copy: the new store's run is not in it
     finally:
         assert stop_tracking_server(tmp_path) is True
     assert not _alive(info["pid"])
@@ -97,6 +114,24 @@ def test_stale_record_replaced_concurrently_then_stopped(tmp_path):
     with pytest.raises(TrackingUnavailable, match="connection refused"):
         check_tracking_reachable(uris[0], timeout=2)
     assert stop_tracking_server(tmp_path) is False
+
+
+def test_only_a_store_holding_nothing_is_kept_as_the_template(tmp_path):
+    def store(name: str, runs: int) -> Path:
+        db = tmp_path / name
+        with contextlib.closing(sqlite3.connect(db)) as c, c:
+            c.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+            c.execute("CREATE TABLE runs (run_uuid TEXT)")
+            c.execute("INSERT INTO experiments VALUES (0)")
+            c.executemany("INSERT INTO runs VALUES (?)", [(str(i),) for i in range(runs)])
+        return db
+
+    template = tmp_path / "cache" / "template.db"
+    tracking._keep_template(store("used.db", runs=1), template)
+    assert not template.exists()
+    tracking._keep_template(store("new.db", runs=0), template)
+    assert _store_counts(template) == (0, 1)
+    assert [p.name for p in template.parent.iterdir()] == ["template.db"]  # no temporary left behind
 
 
 def test_unreachable_refused_names_uri():

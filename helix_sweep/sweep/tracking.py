@@ -10,6 +10,10 @@ running there), detached from the driver so that its UI stays up after the sweep
     <workdir>/mlflow/server.log      the server's stdout and stderr
     <workdir>/mlflow/server.lock     serialises start/stop between concurrent drivers
 
+A new work directory's store starts as a copy of an empty one already migrated by the same MLflow
+version (kept in ~/.cache/helix_sweep, or $XDG_CACHE_HOME): the server then skips MLflow's schema
+migrations, ~1.7 s of its ~7.5 s start on 2 cores.
+
 Artifacts are proxied (`--serve-artifacts --artifacts-destination`): experiments get
 `mlflow-artifacts:/` roots, so a Ray worker on any node uploads through the server's HTTP API and
 needs no shared file system (with `--default-artifact-root <dir>` each client would write to that
@@ -27,11 +31,14 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import importlib.metadata
 import json
 import logging
 import os
 import signal
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,10 +124,47 @@ def start_tracking_server(workdir: Path) -> Future:
         pool.shutdown(wait=False)  # the thread finishes the start (and its server record) on its own
 
 
+def store_template() -> Path | None:
+    """Where an empty store migrated by the installed MLflow is kept (None without MLflow's metadata)."""
+    try:
+        version = importlib.metadata.version("mlflow")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "helix_sweep" / f"mlflow-{version}-empty-store.db"
+
+
+def _keep_template(db: Path, template: Path) -> None:
+    """Save a consistent copy of a store the server has just created, if it holds nothing but MLflow's
+    Default experiment (no one else has its URI yet: the start holds server.lock)."""
+    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        src, dst = sqlite3.connect(db), sqlite3.connect(tmp)
+        try:
+            src.backup(dst)
+            empty = dst.execute("SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM experiments)").fetchone()
+        finally:
+            src.close()
+            dst.close()
+        if empty == (0, 1):
+            os.replace(tmp, template)
+    except (OSError, sqlite3.Error) as exc:  # a read-only home: every new store is migrated, as before
+        log.debug("no store template at %s: %s", template, exc)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _start_server(tdir: Path, host: str, port: int, timeout: float) -> str:
     db = tdir / "mlflow.db"
     artifacts = tdir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
+    template = None if db.exists() else store_template()
+    if template is not None and template.is_file():
+        copy = db.with_name(f".{db.name}.tmp")
+        shutil.copyfile(template, copy)
+        os.replace(copy, db)  # never a half-copied store
+        template = None
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{db}",
@@ -148,6 +192,8 @@ def _start_server(tdir: Path, host: str, port: int, timeout: float) -> str:
             raise TrackingUnavailable(uri, f"mlflow server exited with code {proc.returncode} "
                                            f"during start-up; see {tdir / 'server.log'}")
         if _healthy(uri, timeout=2.0):
+            if template is not None:  # the server migrated a new store: keep it for the next work directory
+                _keep_template(db, template)
             _write_server_info(tdir, info)
             log.info("Started MLflow tracking server pid %d at %s (store %s)", proc.pid, uri, db)
             return uri
