@@ -348,7 +348,8 @@ def test_a_read_only_install_with_no_writable_home_still_runs_the_compiled_kerne
     shutil.copytree(Path(scan_pure.__file__).parent.parent, install / "helix_sweep",
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "PYTHONPATH": str(install)}
-    env.pop("NUMBA_CACHE_DIR", None)
+    for where in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME"):  # no cache folder but the temp dir's
+        env.pop(where, None)
     probe = ("from helix_sweep.models.scan_pure import scan_numba_status\n"
              "import helix_sweep.models.scan_pure as s\n"
              "print(s.__file__)\nprint(scan_numba_status())")
