@@ -151,11 +151,7 @@ def run_sweep(cfg: SweepConfig, trials: list[TrialSpec], exp_dir: Path, server: 
                      runtime_env=ray_runtime.runtime_env(), **ray_runtime.init_options(lean_train(cfg)))
         made.result()
         uri = cfg.tracking_uri or server.result()
-    try:
-        tracking.check_tracking_reachable(uri)
-    except tracking.TrackingUnavailable as exc:
-        print(f"helix_sweep: {exc}")
-        return 3
+    tracking.check_tracking_reachable(uri)  # gone while Ray started? TrackingUnavailable: run.main says so, exit 3
     print(f"MLflow tracking at {uri} (runs table: {uri}/#/experiments/<id>/runs?workflowType=machine_learning)")
     from mlflow.tracking import MlflowClient
 
