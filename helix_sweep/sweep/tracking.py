@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import errno
 import importlib.metadata
 import json
@@ -41,6 +42,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -137,16 +139,12 @@ def store_template() -> Path | None:
 def _keep_template(db: Path, template: Path) -> None:
     """Save a consistent copy of a store the server has just created, if it holds nothing but MLflow's
     Default experiment (no one else has its URI yet: the start holds server.lock)."""
-    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    tmp = template.with_name(f".{template.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # servers start in threads
     try:
         template.parent.mkdir(parents=True, exist_ok=True)
-        src, dst = sqlite3.connect(db), sqlite3.connect(tmp)
-        try:
+        with contextlib.closing(sqlite3.connect(db)) as src, contextlib.closing(sqlite3.connect(tmp)) as dst:
             src.backup(dst)
             empty = dst.execute("SELECT (SELECT COUNT(*) FROM runs), (SELECT COUNT(*) FROM experiments)").fetchone()
-        finally:
-            src.close()
-            dst.close()
         if empty == (0, 1):
             os.replace(tmp, template)
     except (OSError, sqlite3.Error) as exc:  # a read-only home: every new store is migrated, as before
