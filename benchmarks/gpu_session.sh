@@ -4,8 +4,9 @@
 # (default ./gpu_out):
 #   env.txt           GPU, driver, torch/triton versions, what `python -m helix_sweep.models` resolves
 #   tests.log         tests/test_scan.py + tests/test_scan_triton.py on CUDA (Triton compiled, not interpreted)
+#   imports.log       what failed to import, when the session stops before its parts
 #   dispatch.log      tests/test_scan_dispatch.py and tests/test_ddp_gpu.py (NCCL: a 1-rank group, a 1-worker
-#                     trial killed and resumed); needs the training deps, skipped if they do not import
+#                     trial killed and resumed)
 #   mamba_build.log   only with BUILD_MAMBA=1: mamba-ssm's CUDA kernels built for this GPU, time-capped
 #   gpu_check.md/.log benchmarks/gpu_check.py (scan rows pure / triton / cuda-when-built, the six variants)
 #   packing.md/.log   benchmarks/packing.py: the study's shapes calibrated (step time, peak memory, GPU
@@ -13,12 +14,16 @@
 #   calibration/<gpu>.json  the calibration file for that GPU (copy it to benchmarks/calibration/)
 # Knobs: PY (python3), PARTS ("tests dispatch check packing": which parts run), BUDGET_S (gpu_check
 # budget, 80), PACK_BUDGET_S (packing.py, calibration included, 170), CALIB_S (its calibration, 80),
-# BUILD_MAMBA (0), BUILD_CAP_S (420). Caps: tests 140 s, dispatch 70 s, check BUDGET_S + 50 s, packing
+# BUILD_MAMBA (0), BUILD_CAP_S (420). Caps: tests 140 s, dispatch 90 s, check BUDGET_S + 50 s, packing
 # PACK_BUDGET_S + 40 s, so the default run ends within ~9.2 minutes (a device call allows 10); packing
 # alone: PARTS=packing PACK_BUDGET_S=400 CALIB_S=200 (~7 min). With BUILD_MAMBA=1 use
 # PARTS=check BUILD_CAP_S=240 BUDGET_S=150 (build + mamba test + gpu_check) in a second call.
-# Offline machines: put wheels in .whl/ (torch 2.11.0, pytest, ...; and the mamba-ssm / causal-conv1d
-# sdists plus nvidia-cuda-nvcc for BUILD_MAMBA=1) and carry it; pip then installs from there only.
+# Offline machines (the lent H200 is one): its image has torch 2.11.0, triton, numpy, pyyaml, pytest, numba,
+# pyarrow (benchmarks/h200_packages.txt) but not omegaconf, soundfile (+ cffi, pycparser) or soxr
+# (benchmarks/gpu_wheels.txt): `bash benchmarks/gpu_wheels.sh` here puts their wheels in .whl/; carry
+# it (device run: carry [".whl"]). They are installed with --no-deps into /tmp/helix-site, and the
+# session stops at once, saying what is missing, if the imports still fail. For BUILD_MAMBA=1 add the
+# mamba-ssm / causal-conv1d sdists and nvidia-cuda-nvcc to .whl/ by hand.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -29,16 +34,30 @@ CALIB_S=${CALIB_S:-80}
 PARTS=${PARTS:-tests dispatch check packing}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET  # compile the kernels for the GPU
-PIP=("$PY" -m pip install -q)
+PIP=("$PY" -m pip install -q --retries 1 --timeout 10)  # offline, a fetch fails in seconds, not minutes
 [ -d .whl ] && PIP+=(--no-index --find-links .whl)
 
-need() { "$PY" -c "import $1" 2>/dev/null || "${PIP[@]}" "$2"; }
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/helix-site \
+    .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/helix-site
+fi
+need() { "$PY" -c "import $1" 2>/dev/null || "${PIP[@]}" "$2"; }  # a machine with an index: fetch what lacks
 need torch torch==2.11.0
 need triton triton
 need pytest pytest
 need numpy numpy
 need yaml pyyaml
 need omegaconf omegaconf
+need soundfile soundfile
+need soxr soxr
+# everything the parts import; stop now, not minutes in, when something is missing
+if ! "$PY" -c "import helix_sweep.models, helix_sweep.training.loop, pytest, triton" >"$OUT/imports.log" 2>&1; then
+  echo "stopped: the session's imports fail (see above); run benchmarks/gpu_wheels.sh here and carry .whl" \
+    >>"$OUT/imports.log"
+  cat "$OUT/imports.log"
+  exit 1
+fi
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
@@ -51,14 +70,9 @@ if [[ " $PARTS " == *" tests "* ]]; then
     --durations=10 >"$OUT/tests.log" 2>&1; echo "exit $?" >>"$OUT/tests.log"
 fi
 if [[ " $PARTS " == *" dispatch "* ]]; then
-  if "$PY" -c "import helix_sweep.training.loop" 2>/dev/null; then
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan_dispatch.py tests/test_ddp_gpu.py \
-      >"$OUT/dispatch.log" 2>&1
-    echo "exit $?" >>"$OUT/dispatch.log"
-  else
-    "$PY" -c "import helix_sweep.training.loop" >"$OUT/dispatch.log" 2>&1
-    echo "skipped: training deps missing" >>"$OUT/dispatch.log"
-  fi
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan_dispatch.py tests/test_ddp_gpu.py \
+    >"$OUT/dispatch.log" 2>&1
+  echo "exit $?" >>"$OUT/dispatch.log"
 fi
 
 if [ "${BUILD_MAMBA:-0}" = 1 ]; then

@@ -2,13 +2,13 @@
 per frontend, a (5 s) calibration of the smoke grid's shapes, and a calibration file the planner reads
 (helix_sweep.training.packing). No figure is asserted: this keeps the GPU script from rotting."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from helix_sweep.training import budget
 from helix_sweep.training.packing import load_calibration
+from h200_image import h200_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "packing.py"
 
@@ -19,7 +19,8 @@ def test_packing_benchmark_dry_run_writes_a_calibration_the_planner_reads(tmp_pa
         [sys.executable, str(SCRIPT), "--device", "cpu", "--steps", "2", "--k", "1,2", "--batch", "2",
          "--clip-seconds", "0.5", "--calibrate-budget-s", "5", "--budget-s", "240", "--out", str(out),
          "--calibrate-args", "--grid smoke --batch-cap 2"],
-        capture_output=True, text=True, timeout=400, env={**os.environ, "OUT": str(tmp_path)})
+        # with the packages the GPU session has on the lent H200 (tests/h200_image.py): its lazy imports too
+        capture_output=True, text=True, timeout=400, env={**h200_env(tmp_path), "OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (tmp_path / "packing.md").read_text()
     for frontend, tokens in (("mel", 8), ("raw", 50)):
