@@ -127,12 +127,13 @@ def start_tracking_server(workdir: Path) -> Future:
 
 
 def store_template() -> Path | None:
-    """Where an empty store migrated by the installed MLflow is kept (None without MLflow's metadata)."""
+    """Where an empty store migrated by the installed MLflow is kept (None without MLflow's metadata or a
+    home directory)."""
     try:
         version = importlib.metadata.version("mlflow")
-    except importlib.metadata.PackageNotFoundError:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (importlib.metadata.PackageNotFoundError, RuntimeError):  # RuntimeError: no home directory
         return None
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "helix_sweep" / f"mlflow-{version}-empty-store.db"
 
 
