@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg, trials) -> int:
     """The checks that need no process (the real datasets, a given tracking URI, the experiment's
     folder, its lock, its settings: a refused run writes nothing), then the sweep, holding the
-    experiment's lock. MLflow's server (~10 s to start on 2 cores) starts first, while the driver
+    experiment's lock. MLflow's server (~10 s to start on a 2-core AVX-512 EPYC) starts first, while the driver
     imports Ray, makes the synthetic data and starts Ray."""
     from helix_sweep.sweep import experiment
     from helix_sweep.sweep.tracking import check_tracking_reachable, start_tracking_server

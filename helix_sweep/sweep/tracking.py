@@ -12,7 +12,7 @@ running there), detached from the driver so that its UI stays up after the sweep
 
 A new work directory's store starts as a copy of an empty one already migrated by the same MLflow
 version (kept in ~/.cache/helix_sweep, or $XDG_CACHE_HOME): the server then skips MLflow's schema
-migrations, ~1.7 s of its ~7.5 s start on 2 cores.
+migrations, ~1.7 s of its ~7.5 s start (2-core AMD EPYC Zen 4 with AVX-512, benchmarks/RESULTS.md).
 
 Artifacts are proxied (`--serve-artifacts --artifacts-destination`): experiments get
 `mlflow-artifacts:/` roots, so a Ray worker on any node uploads through the server's HTTP API and
